@@ -1,0 +1,139 @@
+"""One typed configuration schema for the collector and the console.
+
+Sources, later wins: built-in defaults, the TOML file
+(``$XDG_CONFIG_HOME/cloudmon/cloudmon.toml`` or ``--config FILE``),
+``CLOUDMON_*`` environment variables (``CLOUDMON_LISTEN_PORT=9000``), then
+command-line flags.  Every field documents itself below; ``cloudmon
+--print-config`` shows the result.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import platformdirs
+
+CONFIG_VERSION: Final = 1
+APP_NAME: Final = "cloudmon"
+ENV_PREFIX: Final = "CLOUDMON_"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the text says which setting and how to fix it."""
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    config_version: int = CONFIG_VERSION
+    #: Address the collector listens on.  Anything but loopback requires ``token``.
+    listen_host: str = "127.0.0.1"
+    #: TCP port of the collector's HTTP API (0 picks a free port).
+    listen_port: int = 8470
+    #: Bearer token agents and remote consoles must send.  Generated and kept in
+    #: the data directory (mode 0600) when not set.
+    token: str | None = None
+    #: Telemetry store URL; empty means the embedded store in the data directory.
+    store: str = ""
+    #: Seconds without a report after which a node is shown unreachable.
+    node_timeout: float = 5.0
+    #: Largest accepted request body in bytes (larger: 413).
+    max_body_bytes: int = 1 << 20
+    #: Retention of the raw (1 s), 1 min and 1 h tiers, in hours.
+    retention_raw_hours: float = 24.0
+    retention_1m_hours: float = 30 * 24.0
+    retention_1h_hours: float = 365 * 24.0
+    #: Reports buffered for the store before new ones are dropped (and counted).
+    write_queue_max: int = 200_000
+    #: Directory for the embedded store, token and local agent state.
+    data_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError(f"listen_port={self.listen_port} is not a TCP port (0-65535)")
+        if self.node_timeout <= 0:
+            raise ConfigError("node_timeout must be > 0 seconds")
+        if self.max_body_bytes < 1024:
+            raise ConfigError("max_body_bytes must be at least 1024")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir) if self.data_dir else Path(platformdirs.user_data_dir(APP_NAME))
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.data_path / 'telemetry.db'}"
+
+    @property
+    def is_loopback(self) -> bool:
+        return is_loopback_host(self.listen_host)
+
+
+def is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def default_config_file() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "cloudmon.toml"
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in Config.__struct_fields__:
+        raw = environ.get(ENV_PREFIX + name.upper())
+        if raw is not None:
+            out[name] = raw
+    return out
+
+
+def load_config(
+    path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the effective configuration (see the module docstring for the order)."""
+    environ = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    file = path if path is not None else default_config_file()
+    if file.exists():
+        try:
+            merged.update(tomllib.loads(file.read_text(encoding="utf-8")))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc}") from None
+    elif path is not None:
+        raise ConfigError(f"config file {file} does not exist")
+    merged.update(_from_env(environ))
+    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        # strict=False lets environment strings convert to ints/floats.
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc} (from {file}, {ENV_PREFIX}* or flags)") from None
+
+
+def ensure_token(config: Config) -> str:
+    """The configured token, or the one kept in the data directory (created once)."""
+    if config.token:
+        return config.token
+    path = config.data_path / "token"
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        token = ""
+    if not token:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        token = secrets.token_urlsafe(24)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(token + "\n")
+    return token
