@@ -181,7 +181,8 @@ class ApiClient:
                 raise CollectorUnreachable(self.url, str(exc) or type(exc).__name__) from None
             if resp.status >= 400:
                 raise ApiError(resp.status, _error_text(resp.read()))
-            event, data_lines = "message", []
+            event = "message"
+            data_lines: list[str] = []
             while True:
                 try:
                     line = resp.readline()
