@@ -1,0 +1,127 @@
+"""Embedded mode: the collector, the embedded store and a local agent in one process.
+
+This is where ``cloudmon`` (no arguments) builds its object graph: one place
+that opens the store, starts the collector on loopback and samples this
+machine with an in-process agent.  The console then talks to that collector
+over HTTP exactly as it would to a remote one.
+
+A lock file in the data directory keeps two consoles from writing the same
+embedded store; the second one is told how to connect to the first instead.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+from typing import IO
+
+from cloudmon.config import Config, ensure_token
+from cloudmon.store import StoreError, TelemetryStore, TierSpec, open_store
+
+log = logging.getLogger(__name__)
+
+
+class RuntimeStartError(RuntimeError):
+    """Embedded mode could not start; the text says why and what to do."""
+
+
+def tiers_from(config: Config) -> tuple[TierSpec, ...]:
+    """The store tiers with the configured retention."""
+    return (
+        TierSpec("raw", 1, int(config.retention_raw_hours * 3600)),
+        TierSpec("1m", 60, int(config.retention_1m_hours * 3600)),
+        TierSpec("1h", 3600, int(config.retention_1h_hours * 3600)),
+    )
+
+
+class EmbeddedRuntime:
+    """Owns the embedded collector, its store and the local agent.  Call ``close()``."""
+
+    def __init__(self, config: Config, *, local_agent: bool = True) -> None:
+        self.config = config
+        self._want_agent = local_agent
+        self.token = ensure_token(config)
+        self.url = ""
+        self._lock: IO[str] | None = None
+        self._store: TelemetryStore | None = None
+        self._collector: object | None = None
+        self._agent: object | None = None
+        self._closed = False
+
+    def _take_lock(self) -> None:
+        path = self.config.data_path / "cloudmon.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = path.open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            other = fh.read().strip() or "another cloudmon"
+            fh.close()
+            raise RuntimeStartError(
+                f"{self.config.data_path} is in use by {other}. Open that console, connect to it with "
+                f"'cloudmon --connect URL', or start this one with --data-dir DIR."
+            ) from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()}\n")
+        fh.flush()
+        self._lock = fh
+
+    def start(self) -> None:
+        """Open the store, start the collector on loopback and the local agent."""
+        from cloudmon.collector import CollectorThread
+
+        self._take_lock()
+        try:
+            self._store = open_store(self.config.store_url, tiers_from(self.config))
+        except StoreError as exc:
+            raise RuntimeStartError(f"cannot open the telemetry store: {exc}") from exc
+        collector = CollectorThread(self.config, self._store, self.token)
+        try:
+            collector.start()
+        except OSError as exc:
+            if self.config.listen_port == 0:
+                raise RuntimeStartError(f"cannot start the collector: {exc}") from exc
+            # The default port is taken (another program): a free port serves a
+            # console just as well; remote agents need the shown URL anyway.
+            log.warning(
+                "port %s is in use (%s); the embedded collector takes a free port instead",
+                self.config.listen_port,
+                exc,
+            )
+            collector.close()
+            from msgspec.structs import replace
+
+            collector = CollectorThread(replace(self.config, listen_port=0), self._store, self.token)
+            collector.start()
+        self._collector = collector
+        self.url = collector.url
+        log.info("embedded collector at %s, store %s", self.url, self.config.store_url)
+        if self._want_agent:
+            self._start_agent()
+
+    def _start_agent(self) -> None:
+        from cloudmon_agent.agent import Agent
+        from cloudmon_agent.config import AgentConfig
+
+        state_dir = Path(self.config.data_path) / "local-agent"
+        agent = Agent(AgentConfig(collector=self.url, token=self.token, state_dir=str(state_dir)))
+        agent.start()
+        self._agent = agent
+
+    def close(self) -> None:
+        """Stop the agent, then the collector (which flushes), then the store."""
+        if self._closed:
+            return
+        self._closed = True
+        for part in (self._agent, self._collector):
+            if part is not None:
+                part.close()  # type: ignore[attr-defined]
+        if self._store is not None:
+            self._store.close()
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
