@@ -1,0 +1,486 @@
+"""Host-wide usage: CPU, memory, swap, disk I/O, filesystems, network, load, uptime.
+
+Split in two so the cheap path stays cheap and the rate logic is shared:
+
+- a *source* reads raw values: :class:`ProcSource` parses ``/proc`` directly
+  on Linux (a few kept-open files, no per-call psutil object churn);
+  :class:`PsutilSource` is the portable fallback for other systems;
+- :class:`HostCollector` owns every stateful counter (one
+  :class:`~cloudmon_agent.collectors.counters.CpuPercent` and two
+  :class:`~cloudmon_agent.collectors.counters.RateCounter`) and turns raw
+  values into :class:`~cloudmon_agent.schema.HostMetrics`.
+
+What counts (and why):
+
+- disk I/O is summed over *physical* disks (``/sys/block/X/device`` exists):
+  partitions, loop, zram, device-mapper and md devices would count the same
+  bytes twice or count memory;
+- network is summed over physical interfaces (not under
+  ``/sys/devices/virtual/net``) when there are any, so bridge, tap, veth and
+  bond traffic on a VM host is not counted two or three times; where every
+  interface is virtual (a container) all but loopback count;
+- filesystems are the real mounted ones: pseudo (``nodev``) filesystems,
+  read-only images (squashfs, erofs) and network filesystems (whose
+  ``statvfs`` can hang on a dead server) are skipped, ``/`` is always kept,
+  and bind mounts of one device are reported once.
+
+Device lists and the mount table are re-scanned every ``refresh_s`` seconds
+(30 by default), not every sample.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Iterable
+from typing import Final, NamedTuple, Protocol, TypeVar
+
+from cloudmon_agent.collectors.counters import CpuPercent, RateCounter
+from cloudmon_agent.collectors.procfs import ProcFile
+from cloudmon_agent.schema import Filesystem, HostMetrics
+
+log = logging.getLogger(__name__)
+
+_SECTOR: Final = 512  # /proc/diskstats counts 512-byte sectors whatever the device's block size
+_MAX_MOUNT_LEN: Final = 255  # schema.Label
+_MAX_FSTYPE_LEN: Final = 64
+#: Read-only images: always 100 % full, one per snap/app; noise, not capacity.
+_IMAGE_FS: Final = frozenset({"squashfs", "erofs"})
+#: ``nodev`` filesystems that do hold local data.
+_LOCAL_NODEV_FS: Final = frozenset({"zfs"})
+#: Used when /proc/filesystems cannot be read; also covers network filesystems.
+_PSEUDO_FS: Final = frozenset(
+    {
+        "autofs", "binfmt_misc", "bpf", "cgroup", "cgroup2", "configfs", "debugfs", "devpts",
+        "devtmpfs", "efivarfs", "fuse", "fusectl", "hugetlbfs", "mqueue", "nsfs", "overlay",
+        "proc", "pstore", "ramfs", "rpc_pipefs", "securityfs", "selinuxfs", "sysfs", "tmpfs",
+        "tracefs", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "9p", "virtiofs",
+    }
+)  # fmt: skip
+_OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
+
+
+class MemInfo(NamedTuple):
+    """Memory and swap in bytes."""
+
+    total: int
+    available: int
+    swap_total: int
+    swap_free: int
+
+
+class Mount(NamedTuple):
+    """One mounted filesystem worth reporting."""
+
+    mount: str
+    fstype: str
+    source: str
+
+
+class HostSource(Protocol):
+    """Reads raw host values; :class:`HostCollector` turns them into rates."""
+
+    def refresh(self) -> None:
+        """Re-scan slow-changing things: disks, interfaces, mounts."""
+
+    def cpu_times(self) -> dict[int, tuple[float, float]]:
+        """Cumulative ``(busy, idle)`` time per CPU number, in any fixed unit."""
+
+    def memory(self) -> MemInfo:
+        """Current memory and swap."""
+
+    def disk_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per physical disk: cumulative read bytes, write bytes, reads, writes."""
+
+    def net_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        """Per counted interface: cumulative rx bytes, tx bytes, rx packets, tx packets."""
+
+    def mounts(self) -> list[Mount]:
+        """The filesystems to report (as of the last :meth:`refresh`)."""
+
+    def fs_usage(self, path: str) -> tuple[int, int, float]:
+        """``(total, used, percent)`` of the filesystem mounted at ``path``; raises OSError."""
+
+    def loadavg(self) -> tuple[float, float, float]:
+        """1, 5 and 15 minute load averages."""
+
+    def uptime(self) -> float:
+        """Seconds since boot."""
+
+    def close(self) -> None:
+        """Release kept-open files."""
+
+
+def _unescape_mount(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as \ooo.
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def select_mounts(entries: Iterable[tuple[str, str, str]], nodev: frozenset[str]) -> list[Mount]:
+    """Pick the filesystems to report from ``(source, mount point, fstype)`` in mount order.
+
+    A later mount on the same point hides the earlier one; pseudo, image and
+    network filesystems are dropped (``/`` is always kept); of several mounts
+    of one source (bind mounts) the shortest path is kept, ``/`` first.
+    """
+    visible: dict[str, Mount] = {}
+    for source, mount, fstype in entries:
+        visible.pop(mount, None)  # re-insert so order follows the visible mount
+        visible[mount] = Mount(mount, fstype, source)
+    by_source: dict[str, Mount] = {}
+    for m in visible.values():
+        if m.mount != "/":
+            if m.fstype in _IMAGE_FS or m.fstype.startswith("fuse."):
+                continue
+            if (m.fstype in nodev or m.fstype in _PSEUDO_FS) and m.fstype not in _LOCAL_NODEV_FS:
+                continue
+        if len(m.mount) > _MAX_MOUNT_LEN or len(m.fstype) > _MAX_FSTYPE_LEN:
+            continue  # would fail the schema and get the whole report rejected
+        cur = by_source.get(m.source)
+        if cur is None or m.mount == "/" or (cur.mount != "/" and len(m.mount) < len(cur.mount)):
+            by_source[m.source] = m
+    return sorted(by_source.values(), key=lambda m: (m.mount != "/", m.mount))
+
+
+class ProcSource:
+    """Linux: parse ``/proc`` and ``/sys`` directly.  ``root`` is for tests only."""
+
+    def __init__(self, proc: str = "/proc", sys: str = "/sys") -> None:
+        self._proc = proc
+        self._sys = sys
+        # The per-CPU lines come first; stop before the (huge) intr line.
+        self._stat = ProcFile(f"{proc}/stat", stop_at=b"\nintr")
+        self._meminfo = ProcFile(f"{proc}/meminfo")
+        self._diskstats = ProcFile(f"{proc}/diskstats")
+        self._netdev = ProcFile(f"{proc}/net/dev")
+        self._uptime = ProcFile(f"{proc}/uptime")
+        self._loadavg = ProcFile(f"{proc}/loadavg")
+        self._disks: frozenset[str] | None = None  # None: no sysfs, filter by name
+        self._nics: frozenset[str] | None = None  # None: every interface but loopback
+        self._mounts: list[Mount] = []
+        self.refresh()
+
+    # -- slow-changing state ------------------------------------------------
+    def refresh(self) -> None:
+        self._disks = self._scan_disks()
+        self._nics = self._scan_nics()
+        self._mounts = self._scan_mounts()
+
+    def _scan_disks(self) -> frozenset[str] | None:
+        try:
+            names = os.listdir(f"{self._sys}/block")
+        except OSError:
+            return None
+        # Whole disks backed by a device; loop, ram, zram, dm-* and md* have no
+        # ``device`` link, and partitions are not listed in /sys/block at all.
+        return frozenset(n for n in names if os.path.exists(f"{self._sys}/block/{n}/device"))
+
+    def _scan_nics(self) -> frozenset[str] | None:
+        base = f"{self._sys}/class/net"
+        try:
+            names = os.listdir(base)
+        except OSError:
+            return None
+        physical = frozenset(
+            n for n in names if "/devices/virtual/" not in os.path.realpath(os.path.join(base, n))
+        )
+        return physical or None
+
+    def _scan_mounts(self) -> list[Mount]:
+        try:
+            with open(f"{self._proc}/filesystems", encoding="utf-8") as fh:
+                nodev = frozenset(
+                    line.split()[-1] for line in fh if line.startswith("nodev") and line.split()
+                )
+        except OSError:
+            nodev = frozenset()
+        entries: list[tuple[str, str, str]] = []
+        try:
+            with open(f"{self._proc}/self/mounts", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    parts = line.split()
+                    if len(parts) >= 3:
+                        entries.append((_unescape_mount(parts[0]), _unescape_mount(parts[1]), parts[2]))
+        except OSError as exc:
+            log.debug("cannot read the mount table: %s", exc)
+            return [Mount("/", "", "/")]
+        return select_mounts(entries, nodev)
+
+    # -- per-sample reads ---------------------------------------------------
+    def cpu_times(self) -> dict[int, tuple[float, float]]:
+        out: dict[int, tuple[float, float]] = {}
+        for line in self._stat.read().split(b"\n"):
+            if not line.startswith(b"cpu"):
+                break  # the cpu lines come first
+            f = line.split()
+            if f[0] == b"cpu" or len(f) < 5:
+                continue  # the aggregate line: the total is derived from the cores
+            v = [int(x) for x in f[1:9]]
+            v += [0] * (8 - len(v))
+            user, nice, system, idle, iowait, irq, softirq, steal = v
+            # guest time is already inside user/nice; steal counts as busy (as psutil does)
+            out[int(f[0][3:])] = (user + nice + system + irq + softirq + steal, idle + iowait)
+        return out
+
+    def memory(self) -> MemInfo:
+        want = {
+            b"MemTotal:",
+            b"MemAvailable:",
+            b"MemFree:",
+            b"Buffers:",
+            b"Cached:",
+            b"SwapTotal:",
+            b"SwapFree:",
+        }
+        got: dict[bytes, int] = {}
+        for line in self._meminfo.read().split(b"\n"):
+            key, _, rest = line.partition(b" ")
+            if key in want:
+                got[key] = int(rest.split()[0]) * 1024
+        total = got.get(b"MemTotal:", 0)
+        avail = got.get(b"MemAvailable:")
+        if avail is None:  # kernels before 3.14
+            avail = got.get(b"MemFree:", 0) + got.get(b"Buffers:", 0) + got.get(b"Cached:", 0)
+        return MemInfo(total, min(avail, total), got.get(b"SwapTotal:", 0), got.get(b"SwapFree:", 0))
+
+    def disk_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        disks = self._disks
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for line in self._diskstats.read().split(b"\n"):
+            f = line.split()
+            if len(f) < 10:
+                continue
+            name = f[2].decode()
+            if disks is not None and name not in disks:
+                continue
+            if disks is None and not _looks_like_physical_disk(name):
+                continue
+            out[name] = (int(f[5]) * _SECTOR, int(f[9]) * _SECTOR, int(f[3]), int(f[7]))
+        return out
+
+    def net_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        nics = self._nics
+        out: dict[str, tuple[int, int, int, int]] = {}
+        for line in self._netdev.read().split(b"\n")[2:]:
+            name_b, sep, rest = line.partition(b":")
+            if not sep:
+                continue
+            name = name_b.strip().decode()
+            if (nics is not None and name not in nics) or name == "lo":
+                continue
+            f = rest.split()
+            if len(f) >= 10:
+                out[name] = (int(f[0]), int(f[8]), int(f[1]), int(f[9]))
+        return out
+
+    def mounts(self) -> list[Mount]:
+        return self._mounts
+
+    def fs_usage(self, path: str) -> tuple[int, int, float]:
+        st = os.statvfs(path)
+        total = st.f_blocks * st.f_frsize
+        used = (st.f_blocks - st.f_bfree) * st.f_frsize
+        avail = st.f_bavail * st.f_frsize
+        # As df does: the share of what non-root users could have that is used.
+        denom = used + avail
+        return total, used, (min(100.0, 100.0 * used / denom) if denom > 0 else 0.0)
+
+    def loadavg(self) -> tuple[float, float, float]:
+        f = self._loadavg.read().split()
+        return float(f[0]), float(f[1]), float(f[2])
+
+    def uptime(self) -> float:
+        return float(self._uptime.read().split()[0])
+
+    def close(self) -> None:
+        for f in (self._stat, self._meminfo, self._diskstats, self._netdev, self._uptime, self._loadavg):
+            f.close()
+
+
+_VIRTUAL_DISK = re.compile(r"^(loop|ram|zram|dm-|md|nbd|sr|fd)\d")
+_PARTITION = re.compile(r"^((sd|hd|vd|xvd)[a-z]+\d+|(nvme\d+n\d+|mmcblk\d+)p\d+)$")
+
+
+def _looks_like_physical_disk(name: str) -> bool:
+    # Only used without sysfs: the usual names of virtual devices and partitions.
+    return not (_VIRTUAL_DISK.match(name) or _PARTITION.match(name))
+
+
+class PsutilSource:
+    """Portable fallback (macOS, Windows, BSD) built on psutil."""
+
+    def __init__(self) -> None:
+        import psutil  # only here: Linux never pays for importing it
+
+        self._ps = psutil
+        self._boot = psutil.boot_time()
+        self._mounts: list[Mount] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        entries = [(p.device, p.mountpoint, p.fstype) for p in self._ps.disk_partitions(all=False)]
+        self._mounts = select_mounts(entries, frozenset())
+
+    def cpu_times(self) -> dict[int, tuple[float, float]]:
+        out: dict[int, tuple[float, float]] = {}
+        for i, t in enumerate(self._ps.cpu_times(percpu=True)):
+            d = t._asdict()
+            idle = d.get("idle", 0.0) + d.get("iowait", 0.0)
+            busy = sum(d.values()) - idle - d.get("guest", 0.0) - d.get("guest_nice", 0.0)
+            out[i] = (busy, idle)
+        return out
+
+    def memory(self) -> MemInfo:
+        vm = self._ps.virtual_memory()
+        sw = self._ps.swap_memory()
+        return MemInfo(int(vm.total), int(vm.available), int(sw.total), int(sw.free))
+
+    def disk_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        per = self._ps.disk_io_counters(perdisk=True) or {}
+        return {k: (v.read_bytes, v.write_bytes, v.read_count, v.write_count) for k, v in per.items()}
+
+    def net_counters(self) -> dict[str, tuple[int, int, int, int]]:
+        per = self._ps.net_io_counters(pernic=True) or {}
+        return {
+            k: (v.bytes_recv, v.bytes_sent, v.packets_recv, v.packets_sent)
+            for k, v in per.items()
+            if not (k.startswith("lo") or "loopback" in k.lower())
+        }
+
+    def mounts(self) -> list[Mount]:
+        return self._mounts
+
+    def fs_usage(self, path: str) -> tuple[int, int, float]:
+        u = self._ps.disk_usage(path)
+        return int(u.total), int(u.used), min(100.0, max(0.0, float(u.percent)))
+
+    def loadavg(self) -> tuple[float, float, float]:
+        return self._ps.getloadavg()
+
+    def uptime(self) -> float:
+        return max(0.0, time.time() - self._boot)
+
+    def close(self) -> None:
+        pass
+
+
+def default_source() -> HostSource:
+    """:class:`ProcSource` where ``/proc`` is Linux's, else :class:`PsutilSource`."""
+    if os.path.exists("/proc/stat") and os.path.exists("/proc/meminfo"):
+        return ProcSource()
+    return PsutilSource()
+
+
+_T = TypeVar("_T")
+
+
+class HostCollector:
+    """Fills ``Report.host``.  Owns the CPU, disk and network counters.
+
+    The first :meth:`collect` (or :meth:`prime`) only primes the counters: its
+    CPU percentages and rates are 0.  Not thread-safe; one sampler calls it.
+    """
+
+    field: str = "host"
+
+    def __init__(
+        self,
+        source: HostSource | None = None,
+        *,
+        refresh_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._source = source if source is not None else default_source()
+        self._refresh_s = refresh_s
+        self._clock = clock
+        self._next_refresh = clock() + refresh_s
+        self._cpu = CpuPercent()
+        self._disk = RateCounter(4)
+        self._net = RateCounter(4)
+        self._failed: set[str] = set()
+
+    @property
+    def primed(self) -> bool:
+        """True once the counters hold a first sample."""
+        return self._cpu.primed
+
+    def prime(self) -> None:
+        """Take the first reading of every counter (rates need two)."""
+        self.collect()
+
+    def _read(self, what: str, read: Callable[[], _T], default: _T) -> _T:
+        # Missing data (no /proc/diskstats in a container, a vanished mount)
+        # must not cost the whole sample: use the default, warn once per kind.
+        try:
+            value = read()
+        except (OSError, ValueError, IndexError) as exc:
+            if what not in self._failed:
+                self._failed.add(what)
+                log.warning("cannot read %s: %s; reporting it as zero", what, exc)
+            return default
+        if what in self._failed:
+            self._failed.discard(what)
+            log.info("reading %s works again", what)
+        return value
+
+    def collect(self) -> HostMetrics:
+        """One sample of the host (rates over the time since the previous call)."""
+        src = self._source
+        now = self._clock()
+        if now >= self._next_refresh:
+            self._read("device and mount lists", src.refresh, None)
+            self._next_refresh = now + self._refresh_s
+        times: dict[int, tuple[float, float]] = self._read("CPU times", src.cpu_times, {})
+        cpu = self._cpu.update(times)
+        cpu_total, per_core = cpu if cpu is not None else (0.0, [0.0] * (max(times, default=-1) + 1))
+        disk = self._disk.update(self._read("disk counters", src.disk_counters, {}), now) or [0.0] * 4
+        net = self._net.update(self._read("network counters", src.net_counters, {}), now) or [0.0] * 4
+        mem = self._read("memory", src.memory, MemInfo(0, 0, 0, 0))
+        load = self._read("load average", src.loadavg, (0.0, 0.0, 0.0))
+        mem_used = mem.total - mem.available
+        swap_used = max(0, mem.swap_total - mem.swap_free)
+        return HostMetrics(
+            cpu_percent=cpu_total,
+            cpu_per_core=per_core,
+            mem_total=mem.total,
+            mem_used=mem_used,
+            mem_available=mem.available,
+            mem_percent=_pct(mem_used, mem.total),
+            swap_total=mem.swap_total,
+            swap_used=swap_used,
+            swap_percent=_pct(swap_used, mem.swap_total),
+            disk_read_bps=disk[0],
+            disk_write_bps=disk[1],
+            disk_read_iops=disk[2],
+            disk_write_iops=disk[3],
+            net_rx_bps=net[0],
+            net_tx_bps=net[1],
+            net_rx_pps=net[2],
+            net_tx_pps=net[3],
+            load1=max(0.0, load[0]),
+            load5=max(0.0, load[1]),
+            load15=max(0.0, load[2]),
+            filesystems=self._filesystems(),
+            uptime_s=max(0.0, self._read("uptime", src.uptime, 0.0)),
+        )
+
+    def _filesystems(self) -> list[Filesystem]:
+        out: list[Filesystem] = []
+        for m in self._source.mounts():
+            try:
+                total, used, percent = self._source.fs_usage(m.mount)
+            except OSError as exc:  # unmounted since the last refresh, or no permission
+                log.debug("statvfs(%s) failed: %s", m.mount, exc)
+                continue
+            out.append(Filesystem(mount=m.mount, fstype=m.fstype, total=total, used=used, percent=percent))
+        return out
+
+    def close(self) -> None:
+        """Release the source's kept-open files."""
+        self._source.close()
+
+
+def _pct(part: int, whole: int) -> float:
+    return min(100.0, max(0.0, 100.0 * part / whole)) if whole > 0 else 0.0

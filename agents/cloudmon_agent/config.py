@@ -1,0 +1,335 @@
+"""The agent's typed configuration, where it comes from, and the node's identity.
+
+Sources, later wins:
+
+1. built-in defaults;
+2. a TOML file: ``--config FILE``, else ``/etc/cloudmon/agent.toml`` if it
+   exists, else ``$XDG_CONFIG_HOME/cloudmon/agent.toml`` (``~/.config/...``)
+   if it exists.  Keys are the field names below, at the top level::
+
+       collector = "https://collector.example:8470"
+       token = "..."          # keep the file mode 0600
+       interval = 1.0
+
+3. environment: ``CLOUDMON_COLLECTOR``, ``CLOUDMON_TOKEN``,
+   ``CLOUDMON_INTERVAL``, ``CLOUDMON_NODE_ID``, ``CLOUDMON_NODE_NAME``,
+   ``CLOUDMON_STATE_DIR``, ``CLOUDMON_TIMEOUT``, ``CLOUDMON_LOG_LEVEL``
+   (an empty variable counts as unset);
+4. command-line flags.
+
+Every error names the setting and where its bad value came from.
+
+Node identity: an explicit ``node_id`` wins; otherwise an id
+``<sanitized-hostname>-<8 hex>`` is generated once and kept in
+``<state_dir>/node-id``, so a node keeps its id across restarts and two agents
+with different state directories on one machine are two nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX: Final = "CLOUDMON_"
+SYSTEM_CONFIG_FILE: Final = Path("/etc/cloudmon/agent.toml")
+NODE_ID_FILE: Final = "node-id"
+#: Same pattern as ``schema.NodeId``.
+NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+MAX_INTERVAL: Final = 3600.0  # schema.Report.interval's bound
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the text names the setting and how to fix it."""
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (systemd ``StateDirectory=``), else ``$XDG_STATE_HOME/cloudmon-agent``."""
+    env = os.environ if environ is None else environ
+    if env.get("STATE_DIRECTORY"):
+        # systemd passes a colon-separated list when several are configured.
+        return Path(env["STATE_DIRECTORY"].split(":")[0])
+    base = env.get("XDG_STATE_HOME") or os.path.join(
+        env.get("HOME") or os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "cloudmon-agent"
+
+
+def default_config_file(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The first existing default config file, or None."""
+    env = os.environ if environ is None else environ
+    if SYSTEM_CONFIG_FILE.is_file():
+        return SYSTEM_CONFIG_FILE
+    base = env.get("XDG_CONFIG_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".config")
+    user = Path(base) / "cloudmon" / "agent.toml"
+    return user if user.is_file() else None
+
+
+def _check_url(v: str) -> str:
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must look like http://HOST:PORT or https://HOST:PORT, got {v!r}")
+    try:
+        _ = parts.port  # parsing it validates it
+    except ValueError:
+        raise ValueError(f"has an invalid port: {v!r}") from None
+    if parts.query or parts.fragment:
+        raise ValueError(f"must not have a query or fragment: {v!r}")
+    return v.rstrip("/")
+
+
+def _check_token(v: str) -> str:
+    # A header value: visible ASCII only (http.client would refuse the rest
+    # later, with a message that could echo the token).
+    if not v or any(not (33 <= ord(c) <= 126) for c in v):
+        raise ValueError("must be non-empty visible ASCII without spaces")
+    return v
+
+
+def _check_interval(v: float) -> float:
+    if not 0 < v <= MAX_INTERVAL:
+        raise ValueError(f"must be > 0 and <= {MAX_INTERVAL:g} seconds, got {v:g}")
+    return v
+
+
+def _check_timeout(v: float) -> float:
+    if not 0 < v <= 600:
+        raise ValueError(f"must be > 0 and <= 600 seconds, got {v:g}")
+    return v
+
+
+def _check_node_id(v: str) -> str:
+    if not NODE_ID_RE.match(v):
+        raise ValueError(f"must be 1-128 characters of A-Z a-z 0-9 . _ : @ -, got {v!r}")
+    return v
+
+
+def _check_name(v: str) -> str:
+    if not v.strip() or len(v) > 255:
+        raise ValueError(f"must be 1-255 characters, got {v!r}")
+    return v
+
+
+def _check_log_level(v: str) -> str:
+    up = v.upper()
+    if up not in LOG_LEVELS:
+        raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}, got {v!r}")
+    return up
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AgentConfig:
+    """Everything the agent needs to run.  Validated on construction."""
+
+    #: Collector base URL (``http://HOST:PORT``); reports go to ``<url>/api/v1/ingest``.
+    collector: str | None = None
+    #: Bearer token the collector expects (never logged).
+    token: str | None = None
+    #: Seconds between samples.
+    interval: float = 1.0
+    #: Node id; empty means generated once and kept in ``state_dir/node-id``.
+    node_id: str | None = None
+    #: Display name of the node (sent as ``node.hostname``).
+    name: str = field(default_factory=socket.gethostname)
+    #: Where the agent keeps its state (node id; later the spool).  A str is
+    #: accepted and stored as a Path.
+    state_dir: Path | str = field(default_factory=default_state_dir)
+    #: Seconds to wait for the collector (connect and each response).
+    timeout: float = 5.0
+    #: Python logging level name.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.state_dir, Path):
+            object.__setattr__(self, "state_dir", Path(self.state_dir))
+        for name, check in _CHECKS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            try:
+                checked = check(value)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+            if checked != value:
+                object.__setattr__(self, name, checked)
+
+    @property
+    def state_path(self) -> Path:
+        """``state_dir`` as a Path (it always is one after construction)."""
+        return Path(self.state_dir)
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict with the token masked (for logs and --print)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["state_dir"] = str(self.state_dir)
+        if out["token"]:
+            out["token"] = "***"
+        return out
+
+
+_CHECKS: Final[dict[str, Callable[[Any], Any]]] = {
+    "collector": _check_url,
+    "token": _check_token,
+    "interval": _check_interval,
+    "timeout": _check_timeout,
+    "node_id": _check_node_id,
+    "name": _check_name,
+    "log_level": _check_log_level,
+}
+
+#: setting -> (type, environment variable)
+SETTINGS: Final[dict[str, tuple[type, str]]] = {
+    "collector": (str, "CLOUDMON_COLLECTOR"),
+    "token": (str, "CLOUDMON_TOKEN"),
+    "interval": (float, "CLOUDMON_INTERVAL"),
+    "node_id": (str, "CLOUDMON_NODE_ID"),
+    "name": (str, "CLOUDMON_NODE_NAME"),
+    "state_dir": (Path, "CLOUDMON_STATE_DIR"),
+    "timeout": (float, "CLOUDMON_TIMEOUT"),
+    "log_level": (str, "CLOUDMON_LOG_LEVEL"),
+}
+
+
+def _convert(kind: type, value: object) -> Any:
+    """``value`` as ``kind``; TypeError if it has the wrong type, ValueError if it does not parse."""
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise TypeError
+        return float(value)
+    if kind is Path:
+        if not isinstance(value, (str, os.PathLike)) or not str(value):
+            raise TypeError
+        return Path(os.path.expanduser(str(value)))
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _coerce(name: str, value: object, where: str) -> Any:
+    """Convert one raw value to the setting's type, or raise naming setting and source."""
+    kind = SETTINGS[name][0]
+    try:
+        value = _convert(kind, value)
+        check = _CHECKS.get(name)
+        if check is not None:
+            value = check(value)
+    except (TypeError, ValueError) as exc:
+        detail = str(exc) if isinstance(exc, ValueError) and str(exc) else f"expected a {kind.__name__}"
+        if "could not convert" in detail:
+            detail = f"expected a number, got {value!r}"
+        raise ConfigError(f"{name} (from {where}): {detail}") from None
+    return value
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    import tomllib  # only when there is a file: keeps a file-less agent's memory down
+
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    unknown = sorted(set(doc) - set(SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"config file {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}"
+        )
+    return {k: _coerce(k, v, str(path)) for k, v in doc.items()}
+
+
+def load_config(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+) -> AgentConfig:
+    """Build the effective configuration: defaults < TOML file < environment < ``overrides``.
+
+    ``config_file`` must exist when given; without it the default files are
+    used if present.  ``overrides`` (command-line flags) with value None are
+    ignored.  Raises :class:`ConfigError`.
+    """
+    env = os.environ if environ is None else environ
+    merged: dict[str, Any] = {}
+    path = config_file if config_file is not None else default_config_file(env)
+    if path is not None:
+        merged.update(_read_toml(path))
+    for name, (_, var) in SETTINGS.items():
+        raw = env.get(var)
+        if raw:
+            merged[name] = _coerce(name, raw, f"${var}")
+    for name, value in (overrides or {}).items():
+        if name not in SETTINGS:
+            raise ConfigError(f"unknown setting {name!r}")
+        if value is not None:
+            merged[name] = _coerce(name, value, f"--{name.replace('_', '-')}")
+    if "state_dir" not in merged:
+        merged["state_dir"] = default_state_dir(env)
+    return AgentConfig(**merged)
+
+
+def sanitize_hostname(hostname: str) -> str:
+    """The hostname reduced to node-id characters (``[A-Za-z0-9._-]``, at most 100)."""
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "-", hostname).strip("-.")[:100]
+    return clean or "node"
+
+
+def resolve_node_id(config: AgentConfig) -> str:
+    """The configured node id, or the one kept in ``state_dir/node-id`` (created once).
+
+    Creation is atomic (write a temporary file, then hard-link it into place),
+    so two agents starting together on one state directory agree on one id.
+    """
+    if config.node_id:
+        return config.node_id
+    path = config.state_path / NODE_ID_FILE
+    existing = _read_node_id(path)
+    if existing is not None:
+        return existing
+    new_id = f"{sanitize_hostname(socket.gethostname())}-{os.urandom(4).hex()}"
+    try:
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{NODE_ID_FILE}.{os.getpid()}.{os.urandom(4).hex()}")
+        tmp.write_text(new_id + "\n", encoding="utf-8")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another agent won the race: use its id
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"state_dir: cannot create {path} ({exc.strerror or exc}); "
+            "make the directory writable, choose another with --state-dir, or set --node-id"
+        ) from None
+    kept = _read_node_id(path)
+    if kept is None:  # pragma: no cover - we just wrote it
+        raise ConfigError(f"state_dir: {path} vanished right after it was written")
+    log.info("new node id %s (kept in %s)", kept, path)
+    return kept
+
+
+def _read_node_id(path: Path) -> str | None:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # not created yet (creating it reports a clear error if it cannot be)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"state_dir: cannot read {path}: {exc}") from None
+    if not NODE_ID_RE.match(text):
+        raise ConfigError(
+            f"state_dir: {path} holds {text[:40]!r}, not a valid node id; fix or delete the file "
+            "(a new id is then generated) or set --node-id"
+        )
+    return text

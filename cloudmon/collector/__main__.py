@@ -1,0 +1,7 @@
+"""``python -m cloudmon.collector [flags]`` is ``cloudmon collector [flags]``."""
+
+import sys
+
+from cloudmon.cli import main
+
+sys.exit(main(["collector", *sys.argv[1:]]))

@@ -1,0 +1,66 @@
+"""cloudmon-agent's main(): --once, usage errors, config errors (in-process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cloudmon_agent import __version__
+from cloudmon_agent.cli import main
+from cloudmon_agent.schema import decode_report
+
+
+@pytest.fixture
+def empty_config(tmp_path: Path) -> Path:
+    p = tmp_path / "agent.toml"
+    p.write_text("")
+    return p
+
+
+def test_once_prints_one_valid_report(
+    tmp_path: Path, empty_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["--once", "--interval", "0.2", "--state-dir", str(tmp_path / "s"), "--name", "cli-node",
+               "--config", str(empty_config)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert len(out.strip().splitlines()) == 1
+    report = decode_report(out)
+    assert report.node.hostname == "cli-node"
+    assert report.interval == 0.2
+    assert report.node_id == (tmp_path / "s" / "node-id").read_text().strip()
+
+
+def test_without_collector_exits_2_saying_how_to_run_it(
+    empty_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(["--config", str(empty_config)])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "cloudmon-agent --collector http://COLLECTOR:8470 --token TOKEN" in err
+    assert "--once" in err
+
+
+def test_bad_setting_exits_2_naming_it(empty_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--config", str(empty_config), "--collector", "http://x:1", "--interval", "fast"])
+    assert rc == 2
+    assert "interval (from --interval): expected a number, got 'fast'" in capsys.readouterr().err
+
+
+def test_env_settings_are_used(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, empty_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("CLOUDMON_NODE_ID", "env-node-1")
+    monkeypatch.setenv("CLOUDMON_INTERVAL", "0.1")
+    rc = main(["--once", "--config", str(empty_config), "--state-dir", str(tmp_path)])
+    assert rc == 0
+    report = decode_report(capsys.readouterr().out)
+    assert (report.node_id, report.interval) == ("env-node-1", 0.1)
+
+
+def test_version_and_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"cloudmon-agent {__version__}"
+    assert main(["--bogus"]) == 2
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
