@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 _REJECT_LOG_EVERY: Final = 60.0
 
 
+#: Seconds after priming at which the first report is sampled and sent.
+FIRST_REPORT_AFTER_S: Final = 0.25
+
+
 class LinkState(enum.Enum):
     """What the sender last learned about the collector."""
 
@@ -297,10 +301,15 @@ class Agent:
         if not self._primed:
             self.prime()
         start = time.monotonic()
-        k = 1
+        # The first report goes out soon after priming (rates are per real
+        # elapsed second, so a short first window is still right): a new node
+        # shows up in the console at once instead of after a whole interval.
+        first = min(FIRST_REPORT_AFTER_S, interval)
+        k = 0
         errors_logged: set[str] = set()
         while True:
-            delay = start + k * interval - time.monotonic()
+            due = start + (k * interval if k else first)
+            delay = due - time.monotonic()
             if (delay > 0 and self._stop.wait(delay)) or self._stop.is_set():
                 return
             try:
