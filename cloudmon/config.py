@@ -20,6 +20,8 @@ from typing import Any, Final
 import msgspec
 import platformdirs
 
+from cloudmon.store.base import TierSpec
+
 CONFIG_VERSION: Final = 1
 APP_NAME: Final = "cloudmon"
 ENV_PREFIX: Final = "CLOUDMON_"
@@ -49,7 +51,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     retention_1m_hours: float = 30 * 24.0
     retention_1h_hours: float = 365 * 24.0
     #: Reports buffered for the store before new ones are dropped (and counted).
-    write_queue_max: int = 200_000
+    write_queue_max: int = 50_000
     #: Directory for the embedded store, token and local agent state.
     data_dir: str = ""
 
@@ -72,6 +74,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def is_loopback(self) -> bool:
         return is_loopback_host(self.listen_host)
+
+    def tiers(self) -> tuple[TierSpec, ...]:
+        """The store tiers (1 s raw, 1 min, 1 h) with the configured retention."""
+        return (
+            TierSpec("raw", 1, int(self.retention_raw_hours * 3600)),
+            TierSpec("1m", 60, int(self.retention_1m_hours * 3600)),
+            TierSpec("1h", 3600, int(self.retention_1h_hours * 3600)),
+        )
 
 
 def is_loopback_host(host: str) -> bool:

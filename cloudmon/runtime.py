@@ -15,25 +15,22 @@ import fcntl
 import logging
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+import msgspec
 
 from cloudmon.config import Config, ensure_token
-from cloudmon.store import StoreError, TelemetryStore, TierSpec, open_store
+from cloudmon.store import StoreError, TelemetryStore, open_store
+
+if TYPE_CHECKING:
+    from cloudmon.collector import CollectorThread
+    from cloudmon_agent.agent import Agent
 
 log = logging.getLogger(__name__)
 
 
 class RuntimeStartError(RuntimeError):
     """Embedded mode could not start; the text says why and what to do."""
-
-
-def tiers_from(config: Config) -> tuple[TierSpec, ...]:
-    """The store tiers with the configured retention."""
-    return (
-        TierSpec("raw", 1, int(config.retention_raw_hours * 3600)),
-        TierSpec("1m", 60, int(config.retention_1m_hours * 3600)),
-        TierSpec("1h", 3600, int(config.retention_1h_hours * 3600)),
-    )
 
 
 class EmbeddedRuntime:
@@ -46,8 +43,8 @@ class EmbeddedRuntime:
         self.url = ""
         self._lock: IO[str] | None = None
         self._store: TelemetryStore | None = None
-        self._collector: object | None = None
-        self._agent: object | None = None
+        self._collector: CollectorThread | None = None
+        self._agent: Agent | None = None
         self._closed = False
 
     def _take_lock(self) -> None:
@@ -76,7 +73,7 @@ class EmbeddedRuntime:
 
         self._take_lock()
         try:
-            self._store = open_store(self.config.store_url, tiers_from(self.config))
+            self._store = open_store(self.config.store_url, self.config.tiers())
         except StoreError as exc:
             raise RuntimeStartError(f"cannot open the telemetry store: {exc}") from exc
         collector = CollectorThread(self.config, self._store, self.token)
@@ -93,9 +90,9 @@ class EmbeddedRuntime:
                 exc,
             )
             collector.close()
-            from msgspec.structs import replace
-
-            collector = CollectorThread(replace(self.config, listen_port=0), self._store, self.token)
+            collector = CollectorThread(
+                msgspec.structs.replace(self.config, listen_port=0), self._store, self.token
+            )
             collector.start()
         self._collector = collector
         self.url = collector.url
@@ -117,9 +114,10 @@ class EmbeddedRuntime:
         if self._closed:
             return
         self._closed = True
-        for part in (self._agent, self._collector):
-            if part is not None:
-                part.close()  # type: ignore[attr-defined]
+        if self._agent is not None:
+            self._agent.close()
+        if self._collector is not None:
+            self._collector.close()
         if self._store is not None:
             self._store.close()
         if self._lock is not None:

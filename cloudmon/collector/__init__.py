@@ -7,7 +7,7 @@ loop in a background thread (embedding), ``run_headless`` as a service
 """
 
 from cloudmon.collector.api import ROUTES, openapi_document
-from cloudmon.collector.cli import run_headless, tiers_for
+from cloudmon.collector.cli import run_headless
 from cloudmon.collector.server import Collector, CollectorError, CollectorThread, ListenError, redact_url
 
 __all__ = [
@@ -19,5 +19,4 @@ __all__ = [
     "openapi_document",
     "redact_url",
     "run_headless",
-    "tiers_for",
 ]

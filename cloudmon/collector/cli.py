@@ -14,27 +14,20 @@ import sys
 
 from cloudmon.collector.server import Collector, CollectorError
 from cloudmon.config import Config, ConfigError, ensure_token
-from cloudmon.store import StoreError, TierSpec, open_store
+from cloudmon.store import StoreError, open_store
 
 log = logging.getLogger(__name__)
 
 
-def tiers_for(config: Config) -> tuple[TierSpec, ...]:
-    """The store tiers (1 s raw, 1 min, 1 h) with the configured retention."""
-    return (
-        TierSpec("raw", 1, round(config.retention_raw_hours * 3600)),
-        TierSpec("1m", 60, round(config.retention_1m_hours * 3600)),
-        TierSpec("1h", 3600, round(config.retention_1h_hours * 3600)),
-    )
-
-
 def _event_loop_policy() -> None:
-    # uvloop is optional (≈ 6 % faster here); use it only where installed.
+    # uvloop is optional (measured ≈ 15-40 % more reports/s here); use it where installed.
     try:
         import uvloop  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
+        log.info("event loop: asyncio (pip install uvloop for more throughput)")
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    log.info("event loop: uvloop")
 
 
 async def _serve(config: Config, collector: Collector, token_note: str) -> None:
@@ -64,11 +57,20 @@ def run_headless(config: Config) -> int:
     where the token is kept (never the token).  Startup errors (bad config, port
     in use, store unreachable) are printed to stderr and give status 2.
     """
+    if not config.is_loopback and not config.token:
+        # A token generated into a file nobody has read protects nothing an
+        # operator knows about: off loopback the operator must choose one.
+        print(
+            f"cloudmon collector: error: listening on {config.listen_host} (not loopback) requires a "
+            "configured token: set token in the config file, CLOUDMON_TOKEN, or --token",
+            file=sys.stderr,
+        )
+        return 2
     try:
         token = ensure_token(config)
         if not config.store:
             config.data_path.mkdir(parents=True, exist_ok=True)
-        store = open_store(config.store_url, tiers_for(config))
+        store = open_store(config.store_url, config.tiers())
     except (ConfigError, StoreError, OSError) as exc:
         print(f"cloudmon collector: error: {exc}", file=sys.stderr)
         return 2
