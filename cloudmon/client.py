@@ -30,7 +30,7 @@ from urllib.parse import urlencode, urlsplit
 import msgspec
 
 from cloudmon.model.cluster import NodeSummary
-from cloudmon.store.base import MetricSeries, SeriesResult
+from cloudmon.store.base import SeriesResult
 
 
 class ApiError(Exception):
@@ -59,22 +59,6 @@ class NodeDetail(msgspec.Struct, frozen=True):
     node: NodeSummary
     latest: dict[str, float]
     metrics: list[str]
-
-
-class _WireSeries(msgspec.Struct):
-    avg: list[float | None]
-    min: list[float | None]
-    max: list[float | None]
-
-
-class _WireSeriesResult(msgspec.Struct):
-    node_id: str
-    start: float
-    end: float
-    step: float
-    tier: str
-    timestamps: list[float]
-    metrics: dict[str, _WireSeries]
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,16 +136,8 @@ class ApiClient:
         step: float | None = None,
     ) -> SeriesResult:
         raw = self.get("/api/v1/series", node=node_id, metric=list(metrics), start=start, end=end, step=step)
-        w = msgspec.json.decode(raw, type=_WireSeriesResult)
-        return SeriesResult(
-            node_id=w.node_id,
-            start=w.start,
-            end=w.end,
-            step=w.step,
-            tier=w.tier,
-            timestamps=w.timestamps,
-            metrics={k: MetricSeries(v.avg, v.min, v.max) for k, v in w.metrics.items()},
-        )
+        # msgspec decodes straight into the store's dataclasses: one shape for both.
+        return msgspec.json.decode(raw, type=SeriesResult)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = msgspec.json.decode(self.get("/api/v1/status"))
