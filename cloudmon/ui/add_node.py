@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (
 
 from cloudmon.config import is_loopback_host
 
-AGENT_INSTALL = "pip install cloudmon-agent"
+# The agent is not on PyPI yet: it installs from the agents/ folder of a checkout.
+AGENT_INSTALL = "python3 -m pip install ./agents"
 DEFAULT_PORT = 8470
 
 
@@ -104,7 +105,7 @@ class AddNodeDialog(QDialog):
             self,
         )
         intro.setWordWrap(True)
-        step1 = QLabel("1.  Install the agent on the node:", self)
+        step1 = QLabel("1.  Install the agent on the node, from a cloudmon checkout (psutil + msgspec only):", self)
         self.install_field = CopyField(AGENT_INSTALL, self)
         step2 = QLabel("2.  Start it, pointing at this collector:", self)
         self.command_field = CopyField(agent_command(url, token), self)

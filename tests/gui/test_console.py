@@ -145,7 +145,7 @@ def test_add_node_dialog_shows_url_and_token(
     command = dialog.command_field.edit.text()
     assert command == f"cloudmon-agent --collector {collector.url} --token {TOKEN}"
     assert dialog.command_field.edit.isReadOnly()
-    assert dialog.install_field.edit.text() == "pip install cloudmon-agent"
+    assert dialog.install_field.edit.text() == "python3 -m pip install ./agents"
     # The collector listens on loopback: say so, and how to accept remote agents.
     assert dialog.loopback_warning is not None
     assert "cloudmon --listen 0.0.0.0:" in dialog.loopback_warning.text()
