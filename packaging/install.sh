@@ -42,6 +42,11 @@ if [ "$mode" = test ]; then
   # Xvfb for the real-window screenshot test, ImageMagick to inspect screenshots,
   # wrk for the collector benchmark.
   pkgs+=(xvfb xauth imagemagick wrk)
+  # libvirt (test:/// driver, and real QEMU guests under a libvirtd the tests
+  # start), libvirt-python's build deps, Redis for the store/queue tests, and
+  # node_exporter as the agent benchmark's reference peer.
+  pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 libvirt-clients libvirt-dev pkg-config
+         gcc python3-dev redis-server prometheus-node-exporter)
 fi
 
 if command -v dpkg-query >/dev/null 2>&1; then
@@ -72,5 +77,7 @@ say "installing Python packages into .venv"
 .venv/bin/python -m pip install --quiet --upgrade pip
 extras="desktop"
 [ "$mode" = test ] && extras="desktop,test"
-.venv/bin/python -m pip install --quiet --progress-bar off -e ./agents -e ".[$extras]"
+agent_extras=""
+[ "$mode" = test ] && agent_extras="[libvirt,gpu]"
+.venv/bin/python -m pip install --quiet --progress-bar off -e "./agents$agent_extras" -e ".[$extras]"
 say "done: $(.venv/bin/cloudmon --version)"
