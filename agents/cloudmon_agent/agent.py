@@ -6,11 +6,26 @@ Two threads, so a slow or black-holed collector can never delay sampling:
   ``start + k * interval`` on the monotonic clock (no drift; after an overrun
   it skips the missed cycles instead of bursting), samples every collector,
   encodes the report and queues it;
-- the *sender* thread posts queued reports in order.  When the collector is
-  unreachable it retries with capped exponential backoff (1 s … 30 s) while
-  the queue keeps the newest ``queue_max`` reports; older ones are dropped and
-  counted (``AgentStats.dropped_reports``, cumulative since start).  A later
-  issue replaces this with an on-disk spool.
+- the *sender* thread posts queued reports in order.  While the collector is
+  up nothing touches the disk.  When a post fails (unreachable, 5xx such as a
+  full collector's 503, or a rejected token) that report and every later one
+  go to the bounded on-disk :class:`~cloudmon_agent.spool.Spool` in
+  ``state_dir/spool`` (one ``write()`` each, so a SIGKILL loses at most the
+  report being sampled) and the sender retries with capped exponential
+  backoff (1 s … ``config.retry_max``, 30 s by default).  Once a post succeeds again the spool is replayed
+  oldest first as JSON arrays of up to ``replay_batch`` reports, one batch
+  per turn, and every turn first sends the fresh reports waiting in memory:
+  fresh data is never held back behind the backlog.  A batch leaves the spool
+  only after the collector answered 200; a lost answer means the batch is
+  sent again, which the collector ignores (it stores each ``(node, ts)``
+  once).  A batch the collector refuses (400/413) is split in halves until the
+  bad report is alone; that one is dropped and counted.  The spool survives a
+  restart: a new agent on the same state directory replays it.  When full,
+  the spool drops its oldest segment and counts the reports
+  (``AgentStats.spool_dropped``); ``AgentStats.dropped_reports`` counts every
+  report lost since start, ``AgentStats.spooled`` what waits on disk.
+  The in-memory queue only buffers reports while a post is in flight (at most
+  ``queue_max``; the oldest are dropped and counted beyond that).
 
 State changes are logged once each: one warning when the collector becomes
 unreachable, one info line when it is back, one error when it rejects the
@@ -37,8 +52,9 @@ from typing import Any, Final
 from cloudmon_agent import __version__
 from cloudmon_agent.collectors import Collector, default_collectors
 from cloudmon_agent.collectors.procfs import ProcFile
-from cloudmon_agent.config import AgentConfig, resolve_node_id
+from cloudmon_agent.config import AgentConfig, ConfigError, resolve_node_id
 from cloudmon_agent.schema import SCHEMA_VERSION, AgentStats, NodeInfo, Report, encode
+from cloudmon_agent.spool import Batch, Spool, SpoolError
 from cloudmon_agent.transport import (
     AuthRejected,
     CollectorUnreachable,
@@ -55,6 +71,11 @@ _REJECT_LOG_EVERY: Final = 60.0
 
 #: Seconds after priming at which the first report is sampled and sent.
 FIRST_REPORT_AFTER_S: Final = 0.25
+#: Most reports per replay request (the collector's ``MAX_BATCH``).
+REPLAY_BATCH_MAX: Final = 1000
+#: Most payload bytes per replay request (the collector's default body limit is 1 MiB).
+REPLAY_BYTES_MAX: Final = 512 << 10
+SPOOL_DIR: Final = "spool"
 
 
 class LinkState(enum.Enum):
@@ -77,6 +98,12 @@ class AgentCounters:
     skipped_cycles: int
     pending: int
     link: LinkState
+    #: Reports waiting in the on-disk spool.
+    spooled: int = 0
+    #: Reports the spool dropped (full, or torn by a crash).
+    spool_dropped: int = 0
+    #: Reports delivered from the spool (included in ``sent``).
+    replayed: int = 0
 
 
 def next_cycle(k: int, start: float, now: float, interval: float) -> tuple[int, int]:
@@ -162,7 +189,9 @@ class Agent:
         *,
         queue_max: int = 60,
         retry_min: float = 1.0,
-        retry_max: float = 30.0,
+        retry_max: float | None = None,
+        replay_batch: int = REPLAY_BATCH_MAX,
+        replay_bytes: int = REPLAY_BYTES_MAX,
     ) -> None:
         self.config = config
         self.node_id = resolve_node_id(config)
@@ -180,8 +209,14 @@ class Agent:
         if queue_max < 1:
             raise ValueError("queue_max must be >= 1")
         self._queue_max = queue_max
-        self._retry_min = retry_min
-        self._retry_max = retry_max
+        self._retry_max = config.retry_max if retry_max is None else retry_max
+        self._retry_min = min(retry_min, self._retry_max)
+        if not 1 <= replay_batch <= REPLAY_BATCH_MAX:
+            raise ValueError(f"replay_batch must be 1..{REPLAY_BATCH_MAX}")
+        self._replay_max = replay_batch
+        self._replay_n = replay_batch  # shrinks while the collector refuses a batch
+        self._replay_bytes = replay_bytes
+        self._spool: Spool | None = None  # opened by start()/run(), used by the sender only
         self._node = NodeInfo(
             hostname=config.name,
             os=os_description(),
@@ -199,6 +234,10 @@ class Agent:
         self._sender_cpu_s = 0.0
         self._link = LinkState.UNKNOWN
         self._dropped_at_down = 0
+        self._spooled = 0
+        self._spool_bytes = 0
+        self._spool_dropped = 0
+        self._replayed = 0
 
         self._sample_lock = threading.Lock()
         self._seq = 0
@@ -235,7 +274,8 @@ class Agent:
             with self._cond:
                 cpu_s += self._sender_cpu_s
                 self._sender_cpu_s = 0.0
-                dropped = self._dropped
+                dropped = self._dropped + self._spool_dropped
+                spooled, spool_bytes, spool_dropped = self._spooled, self._spool_bytes, self._spool_dropped
             ts = time.time()
             parts: dict[str, Any] = {c.field: c.collect() for c in self._collectors}
             self._primed = True
@@ -247,7 +287,12 @@ class Agent:
                 interval=self.config.interval,
                 node=self._node,
                 agent=AgentStats(
-                    cpu_ms=max(0.0, cpu_s * 1000.0), rss_bytes=self._rss.read(), dropped_reports=dropped
+                    cpu_ms=max(0.0, cpu_s * 1000.0),
+                    rss_bytes=self._rss.read(),
+                    dropped_reports=dropped,
+                    spooled=spooled,
+                    spool_bytes=spool_bytes,
+                    spool_dropped=spool_dropped,
                 ),
                 **parts,
             )
@@ -265,6 +310,9 @@ class Agent:
                 skipped_cycles=self._skipped,
                 pending=len(self._pending),
                 link=self._link,
+                spooled=self._spooled,
+                spool_dropped=self._spool_dropped,
+                replayed=self._replayed,
             )
 
     # -- the loop -----------------------------------------------------------
@@ -278,6 +326,7 @@ class Agent:
             self._started = True
         if self._stop.is_set():
             return
+        self.open_spool()
         self._sender = threading.Thread(target=self._send_loop, name="cloudmon-agent-send")
         self._sender.start()
         log.info(
@@ -335,63 +384,172 @@ class Agent:
             self._pending.append(body)
             self._cond.notify()
 
-    def _requeue(self, body: bytes) -> None:
-        # Put a report that could not be delivered back at the front (order is
-        # kept), unless newer reports have filled the queue meanwhile.
+    def open_spool(self) -> None:
+        """Open (or create) the spool in ``state_dir/spool`` now; raises ConfigError if it cannot be.
+
+        :meth:`start` and :meth:`run` call it; a spool left by an earlier agent is then replayed.
+        """
+        if self._spool is not None:
+            return
+        try:
+            spool = Spool(self.config.state_path / SPOOL_DIR, self.config.spool_max_bytes)
+        except SpoolError as exc:
+            raise ConfigError(f"state_dir: {exc}") from None
+        self._spool = spool
+        self._note_spool()
+
+    def _note_spool(self) -> None:
+        spool = self._spool
+        if spool is None:
+            return
+        st = spool.stats()
         with self._cond:
-            if len(self._pending) >= self._queue_max:
-                self._dropped += 1
-            else:
-                self._pending.appendleft(body)
+            self._spooled, self._spool_bytes, self._spool_dropped = st.pending, st.bytes, st.dropped
 
     def _send_loop(self) -> None:
+        spool = self._spool
+        assert spool is not None, "opened by run()"
+        delay = self._retry_min
+        retry_at = 0.0  # monotonic; while in the future the collector is taken as away
+        try:
+            while True:
+                with self._cond:
+                    while not self._stop.is_set() and not self._pending:
+                        if spool.pending:
+                            wait = retry_at - time.monotonic()
+                            if wait <= 0:
+                                break  # replay (or probe with) the oldest spooled batch
+                            self._cond.wait(wait)
+                        else:
+                            self._cond.wait()
+                    if self._stop.is_set():
+                        break
+                    fresh = list(self._pending)
+                    self._pending.clear()
+                t0 = time.thread_time()
+                try:
+                    if fresh and time.monotonic() < retry_at:
+                        # Away: straight to disk, so a crash now loses nothing already sampled.
+                        for body in fresh:
+                            spool.append(body)
+                        ok = None
+                    else:
+                        ok = self._deliver(fresh) if fresh else True
+                        if ok and spool.pending:
+                            ok = self._replay_one(spool)
+                    if ok:
+                        delay, retry_at = self._retry_min, 0.0
+                    elif ok is False:
+                        retry_at = time.monotonic() + delay
+                        delay = min(delay * 2, self._retry_max)
+                except Exception:  # worker loop: a bug here must not end delivery
+                    log.exception("sending reports failed unexpectedly; will retry")
+                    retry_at = time.monotonic() + delay
+                    delay = min(delay * 2, self._retry_max)
+                finally:
+                    self._note_spool()
+                    spent = time.thread_time() - t0
+                    with self._cond:
+                        self._sender_cpu_s += spent
+        finally:
+            self._shutdown_sender(spool, retry_at)
+
+    def _shutdown_sender(self, spool: Spool, retry_at: float) -> None:
+        # Nothing sampled is left behind in memory: deliver it if the collector is
+        # up (one short try), else keep it in the spool for the next start.
+        with self._cond:
+            fresh = list(self._pending)
+            self._pending.clear()
+        try:
+            if fresh and self._link is LinkState.UP and time.monotonic() >= retry_at:
+                self._deliver(fresh)
+            else:
+                for body in fresh:
+                    spool.append(body)
+        except Exception:  # shutdown boundary: log, never hang or raise out of the thread
+            log.exception("could not keep the last reports at shutdown")
+        finally:
+            self._note_spool()
+            spool.close()
+            if spool.pending:
+                log.info("%d report(s) kept in the spool %s for the next start", spool.pending, spool.path)
+
+    def _deliver(self, fresh: list[bytes]) -> bool:
+        """Post fresh reports in order; on failure they go to the spool.  False if away.
+
+        Several waiting reports (a slow collector) go as one batch, so the agent
+        catches up in one request instead of falling further behind.
+        """
+        transport = self._transport
+        spool = self._spool
+        assert transport is not None
+        assert spool is not None
+        body = fresh[0] if len(fresh) == 1 else b"[" + b",".join(fresh) + b"]"
+        try:
+            transport.send(body)
+        except (CollectorUnreachable, AuthRejected) as exc:
+            for rest in fresh:
+                spool.append(rest)
+            state = LinkState.DOWN if isinstance(exc, CollectorUnreachable) else LinkState.AUTH_REJECTED
+            self._set_link(state, exc)
+            return False
+        except ReportRejected as exc:
+            self._set_link(LinkState.UP)
+            if len(fresh) == 1:
+                self._report_rejected(exc)
+            else:
+                # One of them is bad: the replay path splits the batch until it is alone.
+                for rest in fresh:
+                    spool.append(rest)
+            return True
+        with self._cond:
+            self._sent += len(fresh)
+        self._set_link(LinkState.UP)
+        return True
+
+    def _replay_one(self, spool: Spool) -> bool:
+        """Post the oldest spooled batch; forget it once acknowledged.  False if the collector is away."""
         transport = self._transport
         assert transport is not None
-        delay = self._retry_min
-        while True:
-            with self._cond:
-                while not self._pending and not self._stop.is_set():
-                    self._cond.wait()
-                if self._stop.is_set():
-                    return
-                body = self._pending.popleft()
-            t0 = time.thread_time()
-            retry = False
-            try:
-                transport.send(body)
-            except CollectorUnreachable as exc:
-                self._requeue(body)
-                self._set_link(LinkState.DOWN, exc)
-                retry = True
-            except AuthRejected as exc:
-                self._requeue(body)
-                self._set_link(LinkState.AUTH_REJECTED, exc)
-                retry = True
-            except ReportRejected as exc:
-                self._set_link(LinkState.UP)
-                self._report_rejected(exc)
-            except Exception:  # worker loop: a bug here must not end delivery
-                with self._cond:
-                    self._dropped += 1
-                log.exception("sending a report failed unexpectedly; dropped it")
-            else:
-                with self._cond:
-                    self._sent += 1
-                self._set_link(LinkState.UP)
-                delay = self._retry_min
-            finally:
-                spent = time.thread_time() - t0
-                with self._cond:
-                    self._sender_cpu_s += spent
-            if retry:
-                if self._stop.wait(delay):
-                    return
-                delay = min(delay * 2, self._retry_max)
+        batch: Batch = spool.read_batch(self._replay_n, self._replay_bytes)
+        if not batch.records:
+            return True
+        body = b"[" + b",".join(batch.records) + b"]"
+        try:
+            transport.send(body)
+        except (CollectorUnreachable, AuthRejected) as exc:
+            self._set_link(
+                LinkState.DOWN if isinstance(exc, CollectorUnreachable) else LinkState.AUTH_REJECTED, exc
+            )
+            return False
+        except ReportRejected as exc:
+            self._set_link(LinkState.UP)
+            if len(batch) > 1:
+                # One bad report (or a too large body) refuses the whole batch: halve
+                # until the culprit is alone, so only it is lost.
+                self._replay_n = max(1, len(batch) // 2)
+                log.debug(
+                    "collector refused a replay batch of %d (%s); trying %d", len(batch), exc, self._replay_n
+                )
+                return True
+            spool.ack(batch)
+            self._report_rejected(exc)
+            return True
+        spool.ack(batch)
+        self._replay_n = min(self._replay_max, self._replay_n * 2)
+        n = len(batch)
+        with self._cond:
+            self._sent += n
+            self._replayed += n
+        self._set_link(LinkState.UP)
+        if not spool.pending:
+            log.info("spool replayed: the collector has every report kept while it was away")
+        return True
 
     def _set_link(self, state: LinkState, exc: Exception | None = None) -> None:
         with self._cond:
             old, self._link = self._link, state
-            dropped = self._dropped
+            dropped = self._dropped + self._spool_dropped
             if (
                 state != old
                 and state in (LinkState.DOWN, LinkState.AUTH_REJECTED)
@@ -417,9 +575,10 @@ class Agent:
             )
         elif state is LinkState.UP and old in (LinkState.DOWN, LinkState.AUTH_REJECTED):
             log.info(
-                "collector %s reachable again; %d report(s) dropped meanwhile",
+                "collector %s reachable again; %d report(s) dropped meanwhile, %d spooled to replay",
                 url,
                 dropped - self._dropped_at_down,
+                self._spool.pending if self._spool is not None else 0,
             )
         elif state is LinkState.UP:
             log.info("connected to collector %s", url)
@@ -451,6 +610,9 @@ class Agent:
         with self._cond:
             if self._started or self._thread is not None:
                 raise RuntimeError("this Agent is already running (or has run); create a new one")
+        # In the caller's thread, so a spool that cannot be opened is a clear error here.
+        self.open_spool()
+        with self._cond:
             self._thread = threading.Thread(target=self._run_logged, name="cloudmon-agent")
         self._thread.start()
 
@@ -485,7 +647,7 @@ class Agent:
             self._cond.notify_all()
 
     def close(self) -> None:
-        """Stop, join the threads, close the connection and collectors.  Idempotent."""
+        """Stop, join the threads, close the connection, spool and collectors.  Idempotent."""
         self.stop()
         me = threading.current_thread()
         for t in (self._thread, self._sender):
@@ -497,6 +659,8 @@ class Agent:
             self._closed = True
         if self._transport is not None:
             self._transport.close()
+        if self._spool is not None:
+            self._spool.close()  # already closed by the sender if it ran
         for c in self._collectors:
             c.close()
         self._rss.close()

@@ -47,8 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", metavar="S", help="seconds between samples (default 1)")
     p.add_argument("--node-id", metavar="ID", help="node id (default: generated once, kept in the state dir)")
     p.add_argument("--name", metavar="NAME", help="node display name (default: the hostname)")
-    p.add_argument("--state-dir", metavar="DIR", help="where the node id is kept")
+    p.add_argument("--state-dir", metavar="DIR", help="where the node id and the spool are kept")
     p.add_argument("--timeout", metavar="S", help="seconds to wait for the collector (default 5)")
+    p.add_argument(
+        "--spool-max-bytes",
+        metavar="SIZE",
+        help="most disk space for reports kept while the collector is away, e.g. 64MiB (default); "
+        "when full the oldest are dropped",
+    )
+    p.add_argument(
+        "--retry-max", metavar="S", help="longest wait between tries while the collector is away (default 30)"
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML config file")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--once", action="store_true", help="print one report as JSON on stdout and exit")
@@ -121,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "state_dir": args.state_dir,
                 "timeout": args.timeout,
                 "log_level": args.log_level,
+                "spool_max_bytes": args.spool_max_bytes,
+                "retry_max": args.retry_max,
             },
         )
     except ConfigError as exc:

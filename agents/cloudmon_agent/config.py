@@ -13,8 +13,9 @@ Sources, later wins:
 
 3. environment: ``CLOUDMON_COLLECTOR``, ``CLOUDMON_TOKEN``,
    ``CLOUDMON_INTERVAL``, ``CLOUDMON_NODE_ID``, ``CLOUDMON_NODE_NAME``,
-   ``CLOUDMON_STATE_DIR``, ``CLOUDMON_TIMEOUT``, ``CLOUDMON_LOG_LEVEL``
-   (an empty variable counts as unset);
+   ``CLOUDMON_STATE_DIR``, ``CLOUDMON_TIMEOUT``, ``CLOUDMON_LOG_LEVEL``,
+   ``CLOUDMON_SPOOL_MAX_BYTES``, ``CLOUDMON_RETRY_MAX`` (an empty variable
+   counts as unset);
 4. command-line flags.
 
 Every error names the setting and where its bad value came from.
@@ -46,6 +47,10 @@ NODE_ID_FILE: Final = "node-id"
 NODE_ID_RE: Final = re.compile(r"^[A-Za-z0-9._:@-]{1,128}$")
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 MAX_INTERVAL: Final = 3600.0  # schema.Report.interval's bound
+#: Default size bound of the on-disk spool (reports kept while the collector is away):
+#: at ≈3 kB a report and one report a second, ≈6 hours.
+DEFAULT_SPOOL_MAX_BYTES: Final = 64 << 20
+MIN_SPOOL_MAX_BYTES: Final = 64 << 10
 
 
 class ConfigError(ValueError):
@@ -113,6 +118,18 @@ def _check_node_id(v: str) -> str:
     return v
 
 
+def _check_spool_max_bytes(v: int) -> int:
+    if not MIN_SPOOL_MAX_BYTES <= v <= 1 << 40:
+        raise ValueError(f"must be >= {MIN_SPOOL_MAX_BYTES} bytes (64 KiB) and <= 1 TiB, got {v}")
+    return v
+
+
+def _check_retry_max(v: float) -> float:
+    if not 0.05 <= v <= 3600:
+        raise ValueError(f"must be >= 0.05 and <= 3600 seconds, got {v:g}")
+    return v
+
+
 def _check_name(v: str) -> str:
     if not v.strip() or len(v) > 255:
         raise ValueError(f"must be 1-255 characters, got {v!r}")
@@ -140,13 +157,18 @@ class AgentConfig:
     node_id: str | None = None
     #: Display name of the node (sent as ``node.hostname``).
     name: str = field(default_factory=socket.gethostname)
-    #: Where the agent keeps its state (node id; later the spool).  A str is
-    #: accepted and stored as a Path.
+    #: Where the agent keeps its state (node id, and the spool in ``spool/``).  A
+    #: str is accepted and stored as a Path.
     state_dir: Path | str = field(default_factory=default_state_dir)
     #: Seconds to wait for the collector (connect and each response).
     timeout: float = 5.0
     #: Python logging level name.
     log_level: str = "INFO"
+    #: Most bytes the on-disk spool may take; when full the oldest reports are dropped.
+    spool_max_bytes: int = DEFAULT_SPOOL_MAX_BYTES
+    #: Longest wait between two tries while the collector is away (seconds; the
+    #: wait doubles from 1 s up to this).  Lower notices a returning collector sooner.
+    retry_max: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
@@ -184,6 +206,8 @@ _CHECKS: Final[dict[str, Callable[[Any], Any]]] = {
     "node_id": _check_node_id,
     "name": _check_name,
     "log_level": _check_log_level,
+    "spool_max_bytes": _check_spool_max_bytes,
+    "retry_max": _check_retry_max,
 }
 
 #: setting -> (type, environment variable)
@@ -196,6 +220,8 @@ SETTINGS: Final[dict[str, tuple[type, str]]] = {
     "state_dir": (Path, "CLOUDMON_STATE_DIR"),
     "timeout": (float, "CLOUDMON_TIMEOUT"),
     "log_level": (str, "CLOUDMON_LOG_LEVEL"),
+    "spool_max_bytes": (int, "CLOUDMON_SPOOL_MAX_BYTES"),
+    "retry_max": (float, "CLOUDMON_RETRY_MAX"),
 }
 
 
@@ -205,6 +231,10 @@ def _convert(kind: type, value: object) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError
         return float(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError
+        return _parse_size(value)
     if kind is Path:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise TypeError
@@ -212,6 +242,20 @@ def _convert(kind: type, value: object) -> Any:
     if not isinstance(value, str):
         raise TypeError
     return value
+
+
+_SIZE_RE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
+
+
+def _parse_size(value: int | str) -> int:
+    """``67108864``, ``"64MiB"``, ``"64M"`` or ``"512KiB"`` as bytes (binary units)."""
+    if isinstance(value, int):
+        return value
+    m = _SIZE_RE.match(value)
+    if m is None:
+        raise ValueError(f"expected a size in bytes like 67108864 or 64MiB, got {value!r}")
+    unit = (m.group(2) or "B")[0].upper()
+    return int(m.group(1)) << {"B": 0, "K": 10, "M": 20, "G": 30, "T": 40}[unit]
 
 
 def _coerce(name: str, value: object, where: str) -> Any:

@@ -41,6 +41,56 @@ class Filesystem(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
     percent: Percent
 
 
+class DiskIO(msgspec.Struct, frozen=True):
+    """One physical disk over the last interval."""
+
+    name: Label
+    read_bps: NonNeg
+    write_bps: NonNeg
+    read_iops: NonNeg
+    write_iops: NonNeg
+    #: Share of the interval the disk had I/O in flight (``io_ticks``), 0..100.
+    busy_percent: Percent
+
+
+class NicIO(msgspec.Struct, frozen=True):
+    """One network interface over the last interval (per-second rates)."""
+
+    name: Label
+    rx_bps: NonNeg
+    tx_bps: NonNeg
+    rx_pps: NonNeg
+    tx_pps: NonNeg
+    rx_errors_ps: NonNeg = 0.0
+    tx_errors_ps: NonNeg = 0.0
+    rx_drops_ps: NonNeg = 0.0
+    tx_drops_ps: NonNeg = 0.0
+
+
+class Pressure(msgspec.Struct, frozen=True):
+    """Pressure stall information of one resource (``/proc/pressure/<resource>``).
+
+    ``*_avg10`` are the kernel's 10 s averages (percent of time some / all
+    non-idle tasks stalled); ``*_percent`` is the same share over the last
+    interval, from the cumulative ``total`` counter.
+    """
+
+    resource: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    some_avg10: Percent
+    some_percent: Percent
+    full_avg10: Percent | None = None
+    full_percent: Percent | None = None
+
+
+class Sensor(msgspec.Struct, frozen=True):
+    """One hwmon reading: ``kind`` is ``temp`` (degrees C) or ``fan`` (RPM)."""
+
+    chip: Label
+    label: Label
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    value: float
+
+
 class HostMetrics(msgspec.Struct, frozen=True):
     """Host-wide usage over the last interval (rates are per second)."""
 
@@ -66,6 +116,14 @@ class HostMetrics(msgspec.Struct, frozen=True):
     load15: NonNeg
     filesystems: list[Filesystem] = []
     uptime_s: NonNeg = 0.0
+    #: Per physical disk (added in v1; absent from older agents).
+    disks: list[DiskIO] = []
+    #: Per counted network interface.
+    nics: list[NicIO] = []
+    #: Pressure stall information (empty where the kernel has none).
+    pressure: list[Pressure] = []
+    #: Temperatures and fan speeds (empty where there are no hwmon sensors).
+    sensors: list[Sensor] = []
 
 
 class AgentStats(msgspec.Struct, frozen=True):
@@ -73,7 +131,14 @@ class AgentStats(msgspec.Struct, frozen=True):
 
     cpu_ms: NonNeg
     rss_bytes: NonNegInt
+    #: Reports lost since the agent started (queue overflow, rejected, or dropped by a full spool).
     dropped_reports: NonNegInt = 0
+    #: Reports waiting in the on-disk spool for the collector (replayed in order).
+    spooled: NonNegInt = 0
+    #: Bytes the spool takes on disk.
+    spool_bytes: NonNegInt = 0
+    #: Reports the spool dropped since the agent started (oldest first when full; torn records).
+    spool_dropped: NonNegInt = 0
 
 
 class NodeInfo(msgspec.Struct, frozen=True):
@@ -83,6 +148,130 @@ class NodeInfo(msgspec.Struct, frozen=True):
     os: Annotated[str, msgspec.Meta(max_length=255)] = ""
     cpu_count: NonNegInt = 0
     agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class ProcessInfo(msgspec.Struct, frozen=True):
+    """One process in a top-N list."""
+
+    pid: NonNegInt
+    name: Annotated[str, msgspec.Meta(max_length=64)]
+    #: Share of one CPU over the scan interval (100 = one full core; may exceed 100).
+    cpu_percent: NonNeg
+    rss_bytes: NonNegInt
+
+
+class ProcessTop(msgspec.Struct, frozen=True):
+    """The busiest processes, from a scan that runs less often than every cycle."""
+
+    #: Seconds since the scan these lists come from.
+    age_s: NonNeg
+    #: Processes seen by that scan.
+    count: NonNegInt
+    by_cpu: list[ProcessInfo] = []
+    by_mem: list[ProcessInfo] = []
+
+
+class VmDisk(msgspec.Struct, frozen=True):
+    """One disk of a VM (rates per second)."""
+
+    device: Label
+    read_bps: NonNeg
+    write_bps: NonNeg
+    read_iops: NonNeg
+    write_iops: NonNeg
+
+
+class VmNic(msgspec.Struct, frozen=True):
+    """One network interface of a VM (rates per second, as the host sees them)."""
+
+    name: Label
+    rx_bps: NonNeg
+    tx_bps: NonNeg
+    rx_pps: NonNeg
+    tx_pps: NonNeg
+
+
+class Vm(msgspec.Struct, frozen=True):
+    """One libvirt domain.  Memory is in bytes; CPU is 0 unless it is running."""
+
+    uuid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    name: Label
+    #: running, blocked, paused, shutdown, shutoff, crashed, pmsuspended or nostate.
+    state: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    vcpus: NonNegInt
+    #: Busy share of its own vCPUs.
+    cpu_percent: Percent
+    #: The same time as a share of all the host's CPUs.
+    host_cpu_percent: Percent
+    #: Configured maximum (``balloon.maximum``).
+    mem_max: NonNegInt
+    #: What the balloon currently gives the guest (``balloon.current``).
+    mem_current: NonNegInt
+    #: Host memory the QEMU process holds (``balloon.rss``), when known.
+    mem_rss: NonNegInt | None = None
+    #: Memory the guest itself reports unused (needs the balloon driver in the guest).
+    mem_unused: NonNegInt | None = None
+    disks: list[VmDisk] = []
+    nics: list[VmNic] = []
+    #: PCI addresses (``0000:65:00.0``) of host devices (GPUs) assigned to it.
+    hostdevs: list[str] = []
+
+
+class Container(msgspec.Struct, frozen=True):
+    """One container, service or VM scope, from its cgroup."""
+
+    name: Label
+    #: docker, podman, service or vm.
+    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    #: Share of the host's CPUs.
+    cpu_percent: Percent
+    mem_bytes: NonNegInt
+    #: The cgroup's memory limit; None when unlimited.
+    mem_limit: NonNegInt | None = None
+    io_read_bps: NonNeg = 0.0
+    io_write_bps: NonNeg = 0.0
+
+
+class GpuProcess(msgspec.Struct, frozen=True):
+    """A process using a GPU."""
+
+    pid: NonNegInt
+    mem_bytes: NonNegInt
+
+
+class Gpu(msgspec.Struct, frozen=True):
+    """One GPU: seen by the host's NVML, or passed through to a VM (then only ``vm`` is known)."""
+
+    index: NonNegInt
+    pci: Annotated[str, msgspec.Meta(max_length=32)]
+    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    util_percent: Percent | None = None
+    mem_used: NonNegInt | None = None
+    mem_total: NonNegInt | None = None
+    temp_c: float | None = None
+    power_w: NonNeg | None = None
+    processes: list[GpuProcess] = []
+    #: Name of the VM this GPU is passed through to, if any.
+    vm: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+
+
+class Throttle(msgspec.Struct, frozen=True):
+    """A collector the budget made run less often than every cycle."""
+
+    collector: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    #: Runs once every ``period`` cycles.
+    period: Annotated[int, msgspec.Meta(ge=1)]
+    #: Its mean CPU cost per run (ms).
+    cost_ms: NonNeg
+
+
+class BudgetStats(msgspec.Struct, frozen=True):
+    """The agent's CPU budget and what it did to keep to it."""
+
+    budget_ms: NonNeg
+    #: Expected collector CPU per cycle at the current periods (ms).
+    expected_ms: NonNeg
+    throttled: list[Throttle] = []
 
 
 class Report(msgspec.Struct, frozen=True):
@@ -96,6 +285,12 @@ class Report(msgspec.Struct, frozen=True):
     node: NodeInfo
     host: HostMetrics
     agent: AgentStats
+    # Optional sections (v1 additions): absent when the collector is off.
+    processes: ProcessTop | None = None
+    vms: list[Vm] = []
+    containers: list[Container] = []
+    gpus: list[Gpu] = []
+    budget: BudgetStats | None = None
 
 
 class IngestResponse(msgspec.Struct, frozen=True):
@@ -178,6 +373,10 @@ def flatten(report: Report) -> dict[str, float]:
         "agent.cpu_ms": report.agent.cpu_ms,
         "agent.rss_bytes": float(report.agent.rss_bytes),
         "agent.dropped_reports": float(report.agent.dropped_reports),
+        # The agent's sequence number makes "every sample stored exactly once" checkable.
+        "agent.seq": float(report.seq),
+        "agent.spooled": float(report.agent.spooled),
+        "agent.spool_dropped": float(report.agent.spool_dropped),
     }
     for i, pct in enumerate(h.cpu_per_core):
         out[f"cpu.core.{i}"] = pct
@@ -185,4 +384,88 @@ def flatten(report: Report) -> dict[str, float]:
         out[f"fs.{fs.mount}.used"] = float(fs.used)
         out[f"fs.{fs.mount}.total"] = float(fs.total)
         out[f"fs.{fs.mount}.percent"] = fs.percent
+    _flatten_sections(report, out)
     return out
+
+
+def _flatten_sections(report: Report, out: dict[str, float]) -> None:
+    """Metric names of the optional sections (added within v1).
+
+    Per device / guest / container, a few figures each, so a node with 10
+    VMs, 20 containers and 4 GPUs stays at a few hundred series:
+
+    - ``disk.<dev>.{read_bps,write_bps,read_iops,write_iops,busy_percent}``
+    - ``net.<nic>.{rx_bps,tx_bps,rx_pps,tx_pps,errors_ps,drops_ps}`` (errors and
+      drops summed over rx and tx)
+    - ``psi.<cpu|memory|io>.{some_avg10,some_percent,full_avg10,full_percent}``
+    - ``sensor.<chip>.<label>`` (degrees C or RPM)
+    - ``vm.<name>.{cpu_percent,host_cpu_percent,vcpus,mem_max,mem_current,mem_rss,
+      mem_unused,disk_read_bps,disk_write_bps,net_rx_bps,net_tx_bps}`` (disk and
+      net summed over the guest's devices; per-device figures stay in the report)
+    - ``container.<name>.{cpu_percent,mem_bytes,io_read_bps,io_write_bps}``
+    - ``gpu.<index>.{util_percent,mem_used,mem_total,temp_c,power_w}``
+    - ``agent.budget.expected_ms`` and ``agent.budget.throttled`` (how many collectors)
+
+    Top-N process lists are not flattened: they are kept only as the latest value.
+    """
+    h = report.host
+    for d in h.disks:
+        p = f"disk.{d.name}."
+        out[p + "read_bps"] = d.read_bps
+        out[p + "write_bps"] = d.write_bps
+        out[p + "read_iops"] = d.read_iops
+        out[p + "write_iops"] = d.write_iops
+        out[p + "busy_percent"] = d.busy_percent
+    for n in h.nics:
+        p = f"net.{n.name}."
+        out[p + "rx_bps"] = n.rx_bps
+        out[p + "tx_bps"] = n.tx_bps
+        out[p + "rx_pps"] = n.rx_pps
+        out[p + "tx_pps"] = n.tx_pps
+        out[p + "errors_ps"] = n.rx_errors_ps + n.tx_errors_ps
+        out[p + "drops_ps"] = n.rx_drops_ps + n.tx_drops_ps
+    for ps in h.pressure:
+        p = f"psi.{ps.resource}."
+        out[p + "some_avg10"] = ps.some_avg10
+        out[p + "some_percent"] = ps.some_percent
+        if ps.full_avg10 is not None:
+            out[p + "full_avg10"] = ps.full_avg10
+        if ps.full_percent is not None:
+            out[p + "full_percent"] = ps.full_percent
+    for se in h.sensors:
+        out[f"sensor.{se.chip}.{se.label}"] = se.value
+    for vm in report.vms:
+        p = f"vm.{vm.name}."
+        out[p + "cpu_percent"] = vm.cpu_percent
+        out[p + "host_cpu_percent"] = vm.host_cpu_percent
+        out[p + "vcpus"] = float(vm.vcpus)
+        out[p + "mem_max"] = float(vm.mem_max)
+        out[p + "mem_current"] = float(vm.mem_current)
+        if vm.mem_rss is not None:
+            out[p + "mem_rss"] = float(vm.mem_rss)
+        if vm.mem_unused is not None:
+            out[p + "mem_unused"] = float(vm.mem_unused)
+        out[p + "disk_read_bps"] = sum(d.read_bps for d in vm.disks)
+        out[p + "disk_write_bps"] = sum(d.write_bps for d in vm.disks)
+        out[p + "net_rx_bps"] = sum(n.rx_bps for n in vm.nics)
+        out[p + "net_tx_bps"] = sum(n.tx_bps for n in vm.nics)
+    for c in report.containers:
+        p = f"container.{c.name}."
+        out[p + "cpu_percent"] = c.cpu_percent
+        out[p + "mem_bytes"] = float(c.mem_bytes)
+        out[p + "io_read_bps"] = c.io_read_bps
+        out[p + "io_write_bps"] = c.io_write_bps
+    for g in report.gpus:
+        p = f"gpu.{g.index}."
+        for key, val in (
+            ("util_percent", g.util_percent),
+            ("mem_used", g.mem_used),
+            ("mem_total", g.mem_total),
+            ("temp_c", g.temp_c),
+            ("power_w", g.power_w),
+        ):
+            if val is not None:
+                out[p + key] = float(val)
+    if report.budget is not None:
+        out["agent.budget.expected_ms"] = report.budget.expected_ms
+        out["agent.budget.throttled"] = float(len(report.budget.throttled))

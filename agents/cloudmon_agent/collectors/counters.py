@@ -106,3 +106,33 @@ class CpuPercent:
 
 def _pct(part: float, whole: float) -> float:
     return min(100.0, max(0.0, 100.0 * part / whole))
+
+
+class KeyedRates:
+    """Per-key per-second rates of groups of cumulative counters (not summed).
+
+    Like :class:`RateCounter`, but every key keeps its own rates: a key seen
+    for the first time (a new disk, VM or container) gets ``None`` until its
+    second update, a counter that goes backwards counts as zero, and keys that
+    vanished are forgotten.  ``now`` may be passed per key (a group that is
+    read at a different time than the others).
+    """
+
+    def __init__(self) -> None:
+        self._prev: dict[str, tuple[float, Sequence[float]]] = {}
+
+    def update(self, values: Mapping[str, Sequence[float]], now: float) -> dict[str, list[float] | None]:
+        """Record ``key -> counters`` taken at ``now``; returns ``key -> rates`` (None while priming)."""
+        prev, self._prev = self._prev, {k: (now, v) for k, v in values.items()}
+        out: dict[str, list[float] | None] = {}
+        for key, cur in values.items():
+            old = prev.get(key)
+            if old is None or len(old[1]) != len(cur):
+                out[key] = None
+                continue
+            dt = now - old[0]
+            if dt <= 0:
+                out[key] = [0.0] * len(cur)
+                continue
+            out[key] = [max(0.0, (c - o) / dt) for c, o in zip(cur, old[1], strict=True)]
+        return out

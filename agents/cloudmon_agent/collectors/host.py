@@ -35,11 +35,11 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from typing import Final, NamedTuple, Protocol, TypeVar
+from typing import Any, Final, NamedTuple, Protocol, TypeVar
 
-from cloudmon_agent.collectors.counters import CpuPercent, RateCounter
+from cloudmon_agent.collectors.counters import CpuPercent, KeyedRates, RateCounter
 from cloudmon_agent.collectors.procfs import ProcFile
-from cloudmon_agent.schema import Filesystem, HostMetrics
+from cloudmon_agent.schema import DiskIO, Filesystem, HostMetrics, NicIO, Pressure, Sensor
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,9 @@ class ProcSource:
     def __init__(self, proc: str = "/proc", sys: str = "/sys") -> None:
         self._proc = proc
         self._sys = sys
+        #: Where this source reads ``/proc`` and ``/sys`` (other readers of the same tree follow it).
+        self.proc_root = proc
+        self.sys_root = sys
         # The per-CPU lines come first; stop before the (huge) intr line.
         self._stat = ProcFile(f"{proc}/stat", stop_at=b"\nintr")
         self._meminfo = ProcFile(f"{proc}/meminfo")
@@ -157,6 +160,10 @@ class ProcSource:
         self._netdev = ProcFile(f"{proc}/net/dev")
         self._uptime = ProcFile(f"{proc}/uptime")
         self._loadavg = ProcFile(f"{proc}/loadavg")
+        #: Per disk, cumulative ms with I/O in flight (``io_ticks``), from the last disk read.
+        self.io_ticks: dict[str, int] = {}
+        #: Per interface, cumulative rx errors, tx errors, rx drops, tx drops, from the last read.
+        self.net_errors: dict[str, tuple[int, int, int, int]] = {}
         self._disks: frozenset[str] | None = None  # None: no sysfs, filter by name
         self._nics: frozenset[str] | None = None  # None: every interface but loopback
         self._mounts: list[Mount] = []
@@ -248,6 +255,8 @@ class ProcSource:
     def disk_counters(self) -> dict[str, tuple[int, int, int, int]]:
         disks = self._disks
         out: dict[str, tuple[int, int, int, int]] = {}
+        ticks: dict[str, int] = {}
+        self.io_ticks = ticks
         for line in self._diskstats.read().split(b"\n"):
             f = line.split()
             if len(f) < 10:
@@ -258,11 +267,15 @@ class ProcSource:
             if disks is None and not _looks_like_physical_disk(name):
                 continue
             out[name] = (int(f[5]) * _SECTOR, int(f[9]) * _SECTOR, int(f[3]), int(f[7]))
+            if len(f) >= 13:
+                ticks[name] = int(f[12])
         return out
 
     def net_counters(self) -> dict[str, tuple[int, int, int, int]]:
         nics = self._nics
         out: dict[str, tuple[int, int, int, int]] = {}
+        errs: dict[str, tuple[int, int, int, int]] = {}
+        self.net_errors = errs
         for line in self._netdev.read().split(b"\n")[2:]:
             name_b, sep, rest = line.partition(b":")
             if not sep:
@@ -271,8 +284,9 @@ class ProcSource:
             if (nics is not None and name not in nics) or name == "lo":
                 continue
             f = rest.split()
-            if len(f) >= 10:
+            if len(f) >= 12:
                 out[name] = (int(f[0]), int(f[8]), int(f[1]), int(f[9]))
+                errs[name] = (int(f[2]), int(f[10]), int(f[3]), int(f[11]))
         return out
 
     def mounts(self) -> list[Mount]:
@@ -366,6 +380,147 @@ class PsutilSource:
         pass
 
 
+_PSI_RESOURCES: Final = ("cpu", "memory", "io")
+
+
+class PressureReader:
+    """Pressure stall information from ``/proc/pressure/{cpu,memory,io}`` (Linux >= 4.20).
+
+    Reports the kernel's ``avg10`` and, from the cumulative ``total`` (µs
+    stalled), the stalled share of the last interval.  Resources whose file is
+    missing (older kernels, PSI disabled) are left out; no file at all gives
+    an empty list.
+    """
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self._files = {
+            r: ProcFile(f"{proc}/pressure/{r}")
+            for r in _PSI_RESOURCES
+            if os.path.exists(f"{proc}/pressure/{r}")
+        }
+        self._rates = KeyedRates()
+
+    def read(self, now: float) -> list[Pressure]:
+        """One reading; the ``*_percent`` figures are 0 on the first."""
+        parsed: dict[str, tuple[float, float | None, int, int | None]] = {}
+        for res, f in list(self._files.items()):
+            try:
+                text = f.read()
+            except OSError:
+                continue
+            some_avg: float | None = None
+            full_avg: float | None = None
+            some_total = 0
+            full_total: int | None = None
+            for line in text.split(b"\n"):
+                kind, _, rest = line.partition(b" ")
+                if kind not in (b"some", b"full"):
+                    continue
+                vals = dict(kv.split(b"=", 1) for kv in rest.split() if b"=" in kv)
+                avg = float(vals.get(b"avg10", b"0"))
+                total = int(vals.get(b"total", b"0"))
+                if kind == b"some":
+                    some_avg, some_total = avg, total
+                else:
+                    full_avg, full_total = avg, total
+            if some_avg is not None:
+                parsed[res] = (some_avg, full_avg, some_total, full_total)
+        rates = self._rates.update(
+            {r: (v[2], v[3] if v[3] is not None else 0) for r, v in parsed.items()}, now
+        )
+        out: list[Pressure] = []
+        for res, (some_avg, full_avg, _, full_total) in parsed.items():
+            r = rates.get(res) or [0.0, 0.0]
+            # total is in µs: µs per s / 1e4 = percent of the interval
+            out.append(
+                Pressure(
+                    resource=res,
+                    some_avg10=_clamp(some_avg),
+                    some_percent=_clamp(r[0] / 1e4),
+                    # The cpu "full" line exists since 5.13 but is always 0 at system level.
+                    full_avg10=_clamp(full_avg) if full_avg is not None else None,
+                    full_percent=_clamp(r[1] / 1e4) if full_total is not None else None,
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Release the kept-open files."""
+        for f in self._files.values():
+            f.close()
+
+
+class SensorReader:
+    """Temperatures and fan speeds from ``/sys/class/hwmon`` (cheap: a few kept-open files).
+
+    The list of inputs is scanned by :meth:`refresh`; no hwmon directory (a VM,
+    a container) gives an empty list.
+    """
+
+    def __init__(self, sys: str = "/sys") -> None:
+        self._base = f"{sys}/class/hwmon"
+        self._inputs: list[tuple[str, str, str, ProcFile]] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-scan the sensor inputs."""
+        self.close()
+        inputs: list[tuple[str, str, str, ProcFile]] = []
+        try:
+            chips = sorted(os.listdir(self._base))
+        except OSError:
+            self._inputs = []
+            return
+        for chip_dir in chips:
+            d = os.path.join(self._base, chip_dir)
+            try:
+                with open(os.path.join(d, "name"), encoding="utf-8") as fh:
+                    chip = fh.read().strip() or chip_dir
+                files = sorted(os.listdir(d))
+            except OSError:
+                continue
+            for fn in files:
+                m = _SENSOR_INPUT.match(fn)
+                if not m:
+                    continue
+                kind, num = m.group(1), m.group(2)
+                label = f"{kind}{num}"
+                try:
+                    with open(os.path.join(d, f"{kind}{num}_label"), encoding="utf-8") as fh:
+                        label = fh.read().strip() or label
+                except OSError:
+                    pass
+                inputs.append((chip[:255], label[:255], kind, ProcFile(os.path.join(d, fn))))
+        self._inputs = inputs
+
+    def read(self) -> list[Sensor]:
+        """Current readings (°C for ``temp``, RPM for ``fan``); unreadable inputs are skipped."""
+        out: list[Sensor] = []
+        for chip, label, kind, f in self._inputs:
+            try:
+                raw = int(f.read().strip())
+            except (OSError, ValueError):
+                continue
+            out.append(
+                Sensor(
+                    chip=chip, label=label, kind=kind, value=raw / 1000.0 if kind == "temp" else float(raw)
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Release the kept-open files."""
+        for *_, f in self._inputs:
+            f.close()
+
+
+_SENSOR_INPUT: Final = re.compile(r"^(temp|fan)(\d+)_input$")
+
+
+def _clamp(v: float) -> float:
+    return min(100.0, max(0.0, v))
+
+
 def default_source() -> HostSource:
     """:class:`ProcSource` where ``/proc`` is Linux's, else :class:`PsutilSource`."""
     if os.path.exists("/proc/stat") and os.path.exists("/proc/meminfo"):
@@ -391,7 +546,15 @@ class HostCollector:
         *,
         refresh_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        extras: bool | None = None,
+        pressure: PressureReader | None = None,
+        sensors: SensorReader | None = None,
     ) -> None:
+        """``extras`` turns on per-disk, per-NIC, pressure and sensor lists (default: on Linux).
+
+        ``pressure`` and ``sensors`` replace the readers of the real ``/proc``
+        and ``/sys`` (tests point them at fake trees).
+        """
         self._source = source if source is not None else default_source()
         self._refresh_s = refresh_s
         self._clock = clock
@@ -399,7 +562,19 @@ class HostCollector:
         self._cpu = CpuPercent()
         self._disk = RateCounter(4)
         self._net = RateCounter(4)
+        self._disk_each = KeyedRates()
+        self._net_each = KeyedRates()
         self._failed: set[str] = set()
+        linux = isinstance(self._source, ProcSource)
+        self._extras = extras if extras is not None else linux
+        if isinstance(self._source, ProcSource) and self._extras:
+            # Same tree as the source's: a fake /proc in tests, the real one otherwise.
+            if pressure is None:
+                pressure = PressureReader(self._source.proc_root)
+            if sensors is None:
+                sensors = SensorReader(self._source.sys_root)
+        self._pressure = pressure
+        self._sensors = sensors
 
     @property
     def primed(self) -> bool:
@@ -431,12 +606,24 @@ class HostCollector:
         now = self._clock()
         if now >= self._next_refresh:
             self._read("device and mount lists", src.refresh, None)
+            if self._sensors is not None:
+                self._read("hwmon sensors", self._sensors.refresh, None)
             self._next_refresh = now + self._refresh_s
         times: dict[int, tuple[float, float]] = self._read("CPU times", src.cpu_times, {})
         cpu = self._cpu.update(times)
         cpu_total, per_core = cpu if cpu is not None else (0.0, [0.0] * (max(times, default=-1) + 1))
-        disk = self._disk.update(self._read("disk counters", src.disk_counters, {}), now) or [0.0] * 4
-        net = self._net.update(self._read("network counters", src.net_counters, {}), now) or [0.0] * 4
+        disk_raw: dict[str, tuple[int, int, int, int]] = self._read("disk counters", src.disk_counters, {})
+        net_raw: dict[str, tuple[int, int, int, int]] = self._read("network counters", src.net_counters, {})
+        disk = self._disk.update(disk_raw, now) or [0.0] * 4
+        net = self._net.update(net_raw, now) or [0.0] * 4
+        extras: dict[str, list[Any]] = {}
+        if self._extras:
+            extras["disks"] = self._per_disk(disk_raw, now)
+            extras["nics"] = self._per_nic(net_raw, now)
+            if self._pressure is not None:
+                extras["pressure"] = self._pressure.read(now)
+            if self._sensors is not None:
+                extras["sensors"] = self._sensors.read()
         mem = self._read("memory", src.memory, MemInfo(0, 0, 0, 0))
         load = self._read("load average", src.loadavg, (0.0, 0.0, 0.0))
         mem_used = mem.total - mem.available
@@ -464,7 +651,31 @@ class HostCollector:
             load15=max(0.0, load[2]),
             filesystems=self._filesystems(),
             uptime_s=max(0.0, self._read("uptime", src.uptime, 0.0)),
+            **extras,
         )
+
+    def _per_disk(self, raw: dict[str, tuple[int, int, int, int]], now: float) -> list[DiskIO]:
+        ticks: dict[str, int] = getattr(self._source, "io_ticks", {})
+        both = {k: (*v, ticks.get(k, 0)) for k, v in raw.items()}
+        out: list[DiskIO] = []
+        for name, r in sorted(self._disk_each.update(both, now).items()):
+            if len(name) > _MAX_MOUNT_LEN:
+                continue
+            r = r or [0.0] * 5
+            # io_ticks is ms busy per s of wall time: /10 gives percent
+            out.append(DiskIO(name, r[0], r[1], r[2], r[3], busy_percent=min(100.0, r[4] / 10.0)))
+        return out
+
+    def _per_nic(self, raw: dict[str, tuple[int, int, int, int]], now: float) -> list[NicIO]:
+        errs: dict[str, tuple[int, int, int, int]] = getattr(self._source, "net_errors", {})
+        both = {k: (*v, *errs.get(k, (0, 0, 0, 0))) for k, v in raw.items()}
+        out: list[NicIO] = []
+        for name, r in sorted(self._net_each.update(both, now).items()):
+            if len(name) > _MAX_MOUNT_LEN:
+                continue
+            r = r or [0.0] * 8
+            out.append(NicIO(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
+        return out
 
     def _filesystems(self) -> list[Filesystem]:
         out: list[Filesystem] = []
@@ -480,6 +691,10 @@ class HostCollector:
     def close(self) -> None:
         """Release the source's kept-open files."""
         self._source.close()
+        if self._pressure is not None:
+            self._pressure.close()
+        if self._sensors is not None:
+            self._sensors.close()
 
 
 def _pct(part: int, whole: int) -> float:

@@ -3,7 +3,9 @@
 Answers every POST with a configurable status and body, keeps connections
 alive, remembers each request's client port (to see connection reuse), and on
 :meth:`Sink.close` really closes every connection, so a restarted sink looks
-to a client like a restarted collector.
+to a client like a restarted collector.  It can also be told to take a while
+per request (``delay_s``) or to read the next requests and hang up without an
+answer (``drop_responses``: a response lost on the way back).
 """
 
 from __future__ import annotations
@@ -31,15 +33,22 @@ class Recorded:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle on, the body waits for the
+    # client's delayed ACK (≈40 ms per request).
+    disable_nagle_algorithm = True
     server: _Server
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length", "0"))
         body = self.rfile.read(length)
-        self.server.sink._record(
-            Recorded("POST", self.path, dict(self.headers.items()), body, self.client_address[1])
-        )
-        status, payload = self.server.sink.answer
+        sink = self.server.sink
+        sink._record(Recorded("POST", self.path, dict(self.headers.items()), body, self.client_address[1]))
+        if sink.delay_s:
+            time.sleep(sink.delay_s)  # simulates a slow collector (not a readiness wait)
+        if sink._take_drop():
+            self.close_connection = True
+            return  # the request was received; its answer is lost
+        status, payload = sink.answer
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -76,6 +85,10 @@ class Sink:
 
     def __init__(self, port: int = 0, status: int = 200, body: bytes = b'{"accepted": 1}') -> None:
         self.answer = (status, body)
+        #: Seconds each POST takes before it is answered.
+        self.delay_s = 0.0
+        #: How many of the next POSTs get no answer (the connection is closed instead).
+        self.drop_responses = 0
         self._requests: list[Recorded] = []
         self._lock = threading.Lock()
         self._server = _Server(self, port)
@@ -87,6 +100,13 @@ class Sink:
     def _record(self, r: Recorded) -> None:
         with self._lock:
             self._requests.append(r)
+
+    def _take_drop(self) -> bool:
+        with self._lock:
+            if self.drop_responses > 0:
+                self.drop_responses -= 1
+                return True
+            return False
 
     @property
     def requests(self) -> list[Recorded]:

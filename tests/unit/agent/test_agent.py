@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cloudmon_agent import __version__
@@ -17,6 +18,7 @@ from cloudmon_agent.agent import Agent, LinkState, next_cycle
 from cloudmon_agent.collectors.host import HostCollector
 from cloudmon_agent.config import AgentConfig
 from cloudmon_agent.schema import HostMetrics, Report, decode_report, encode
+from cloudmon_agent.spool import Spool, pending_records
 from tests.unit.agent.sink import Sink, closed_port, wait_until
 
 AGENT_LOG = "cloudmon_agent.agent"
@@ -181,7 +183,7 @@ def test_collector_down_logs_one_warning_and_keeps_sampling(
     tmp_path: Path, agents: list[Agent], caplog: pytest.LogCaptureFixture
 ) -> None:
     port = closed_port()
-    agent = Agent(_cfg(tmp_path, f"http://127.0.0.1:{port}"), queue_max=3, retry_min=0.02, retry_max=0.1)
+    agent = Agent(_cfg(tmp_path, f"http://127.0.0.1:{port}"), retry_min=0.02, retry_max=0.1)
     agents.append(agent)
     with caplog.at_level(logging.INFO, logger=AGENT_LOG):
         agent.start()
@@ -194,33 +196,59 @@ def test_collector_down_logs_one_warning_and_keeps_sampling(
     c = agent.counters()
     assert c.link is LinkState.DOWN
     assert c.sent == 0
-    assert c.dropped >= c.sampled - 3 - 1  # all but the queued (and one in flight) were dropped
+    assert c.dropped == 0
+    # Every sampled report waits in the on-disk spool, in order.
+    assert c.spooled == c.sampled
+    kept = [decode_report(b).seq for b in pending_records(tmp_path / "state" / "spool")]
+    assert kept == list(range(c.sampled))
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-def test_collector_back_logs_one_info_and_reports_dropped_count(
+def _posted(sink: Sink) -> list[list[Report]]:
+    """Every POST's reports: a fresh one is a list of one, a replay batch a longer list."""
+    out: list[list[Report]] = []
+    for r in sink.requests:
+        if r.body.startswith(b"["):
+            out.append([decode_report(raw) for raw in msgspec.json.decode(r.body, type=list[msgspec.Raw])])
+        else:
+            out.append([decode_report(r.body)])
+    return out
+
+
+def test_collector_back_replays_the_spool_and_logs_one_info(
     tmp_path: Path, agents: list[Agent], caplog: pytest.LogCaptureFixture
 ) -> None:
     port = closed_port()
-    agent = Agent(_cfg(tmp_path, f"http://127.0.0.1:{port}"), queue_max=3, retry_min=0.02, retry_max=0.05)
+    agent = Agent(_cfg(tmp_path, f"http://127.0.0.1:{port}"), retry_min=0.02, retry_max=0.05)
     agents.append(agent)
     with caplog.at_level(logging.INFO, logger=AGENT_LOG):
         agent.start()
-        wait_until(lambda: agent.counters().dropped >= 5, what="reports dropped while down")
+        wait_until(lambda: agent.counters().spooled >= 10, what="reports spooled while down")
         sink = Sink(port=port)
         try:
-            wait_until(lambda: len(sink.requests) >= 8, what="reports after the collector came back")
+            wait_until(
+                lambda: agent.counters().spooled == 0 and agent.counters().sent >= 15,
+                what="the spool replayed after the collector came back",
+            )
             agent.close()
         finally:
             sink.close()
     assert len(_messages(caplog, logging.WARNING, "unreachable")) == 1
     back = _messages(caplog, logging.INFO, "reachable again")
     assert len(back) == 1
-    assert "report(s) dropped meanwhile" in back[0]
-    reports = [decode_report(r.body) for r in sink.requests]
-    assert reports[-1].agent.dropped_reports >= 5  # the count travels in the reports
-    seqs = [r.seq for r in reports]
-    assert seqs == sorted(seqs)  # the queued backlog went first, in order
+    assert "0 report(s) dropped meanwhile" in back[0]
+    assert len(_messages(caplog, logging.INFO, "spool replayed")) >= 1
+    posts = _posted(sink)
+    seqs = sorted(r.seq for post in posts for r in post)
+    c = agent.counters()
+    # Nothing lost, nothing twice: every sampled report reached the sink once
+    # (the last ones may still wait in memory or on disk at close: none here).
+    assert seqs == list(range(len(seqs)))
+    assert c.replayed >= 10
+    assert any(len(post) > 1 for post in posts)  # the backlog went in batches
+    replayed = [r.seq for post in posts if len(post) > 1 for r in post]
+    assert replayed == sorted(replayed)  # ... in order
+    assert max(r.agent.spooled for post in posts for r in post) >= 5  # the count travels in the reports
 
 
 def test_retries_back_off_instead_of_once_per_cycle(tmp_path: Path, agents: list[Agent]) -> None:
@@ -350,3 +378,118 @@ def test_run_in_callers_thread_stops_on_close_from_another(tmp_path: Path, sink:
 def test_report_type_is_the_schema_report(config: AgentConfig) -> None:
     with Agent(config) as agent:
         assert isinstance(agent.sample(), Report)
+
+
+# -- the spool: replay, interleaving, lost answers, restarts ---------------------
+
+
+def _old_reports(config: AgentConfig, n: int, first_seq: int = 10_000) -> list[bytes]:
+    """``n`` valid encoded reports of an earlier run (seq from ``first_seq``, an hour ago)."""
+    with Agent(config) as agent:
+        base = agent.sample()
+    t0 = time.time() - 3600
+    return [encode(msgspec.structs.replace(base, seq=first_seq + i, ts=t0 + i)) for i in range(n)]
+
+
+def _prefill(config: AgentConfig, bodies: list[bytes]) -> None:
+    with Spool(config.state_path / "spool", config.spool_max_bytes) as sp:
+        for b in bodies:
+            sp.append(b)
+
+
+def test_replay_is_interleaved_with_fresh_reports(tmp_path: Path, sink: Sink, agents: list[Agent]) -> None:
+    cfg = _cfg(tmp_path, sink.url)
+    old = _old_reports(cfg, 120)
+    _prefill(cfg, old)
+    sink.delay_s = 0.01  # each batch takes a while, so fresh reports come due meanwhile
+    agent = Agent(cfg, replay_batch=4)
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: agent.counters().spooled == 0, timeout=30, what="the spool replayed")
+    agent.close()
+    posts = _posted(sink)
+    replayed = [r.seq for post in posts for r in post if r.seq >= 10_000]
+    fresh = [r.seq for post in posts for r in post if r.seq < 10_000]
+    assert replayed == list(range(10_000, 10_120))  # all, once, in order
+    assert all(len(post) <= 4 for post in posts if post[0].seq >= 10_000)
+    assert fresh == list(range(len(fresh)))
+    # Fresh reports went out while the backlog was still being replayed.
+    last_replay = max(i for i, post in enumerate(posts) if post[0].seq >= 10_000)
+    first_fresh = min(i for i, post in enumerate(posts) if post[0].seq < 10_000)
+    assert first_fresh < last_replay
+    assert pending_records(cfg.state_path / "spool") == []
+
+
+def test_a_lost_answer_resends_the_batch_and_loses_nothing(
+    tmp_path: Path, sink: Sink, agents: list[Agent]
+) -> None:
+    cfg = _cfg(tmp_path, sink.url, interval=0.2)
+    _prefill(cfg, _old_reports(cfg, 30))
+    sink.drop_responses = 2  # the first two requests are received but never answered
+    agent = Agent(cfg, replay_batch=10, retry_min=0.02, retry_max=0.05)
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: agent.counters().spooled == 0, timeout=30, what="the spool replayed")
+    agent.close()
+    posts = _posted(sink)
+    replayed = [r.seq for post in posts for r in post if r.seq >= 10_000]
+    # At least once from the agent (the collector drops the duplicates).
+    assert set(replayed) == set(range(10_000, 10_030))
+    assert len(replayed) > 30
+    assert agent.counters().replayed == 30
+
+
+def test_a_restarted_agent_replays_what_the_last_one_spooled(tmp_path: Path, agents: list[Agent]) -> None:
+    port = closed_port()
+    cfg = _cfg(tmp_path, f"http://127.0.0.1:{port}")
+    first = Agent(cfg, retry_min=0.02, retry_max=0.05)
+    agents.append(first)
+    first.start()
+    wait_until(lambda: first.counters().spooled >= 8, what="reports spooled")
+    first.close()
+    kept = first.counters().spooled
+    assert kept == first.counters().sampled  # nothing lost at shutdown either
+    sink = Sink(port=port)
+    try:
+        second = Agent(cfg, retry_min=0.02, retry_max=0.05)
+        agents.append(second)
+        second.start()
+        wait_until(lambda: second.counters().replayed >= kept, what="the old spool replayed")
+        second.close()
+    finally:
+        sink.close()
+    replayed = [r for post in _posted(sink) if len(post) > 1 or post[0].agent.spooled for r in post]
+    node_seqs = sorted(r.seq for r in replayed if r.ts < second_start_ts(replayed, kept))
+    assert node_seqs == list(range(kept))
+
+
+def second_start_ts(reports: list[Report], kept: int) -> float:
+    """The first run's reports are the ``kept`` oldest by time."""
+    return sorted(r.ts for r in reports)[kept - 1] + 1e-6
+
+
+def test_a_full_spool_drops_the_oldest_and_says_so_in_reports(tmp_path: Path, agents: list[Agent]) -> None:
+    port = closed_port()
+    cfg = AgentConfig(
+        collector=f"http://127.0.0.1:{port}",
+        token="tok",
+        interval=0.005,
+        state_dir=tmp_path / "state",
+        name="n1",
+        spool_max_bytes=64 << 10,
+    )
+    agent = Agent(cfg, retry_min=0.5, retry_max=1.0)
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: agent.counters().spool_dropped >= 15, timeout=60, what="the spool full")
+    agent.close()
+    c = agent.counters()
+    kept = [decode_report(b) for b in pending_records(cfg.state_path / "spool")]
+    assert len(kept) == c.spooled
+    assert c.spooled + c.spool_dropped + c.dropped == c.sampled
+    assert sum(p.stat().st_size for p in (cfg.state_path / "spool").glob("*.seg")) <= 64 << 10
+    seqs = [r.seq for r in kept]
+    assert seqs == list(range(c.sampled - len(seqs), c.sampled))  # the newest, in order
+    # The count travels in the reports sampled after the first drop.
+    assert max(r.agent.spool_dropped for r in kept) > 0
+    assert all(r.agent.dropped_reports >= r.agent.spool_dropped for r in kept)

@@ -64,3 +64,24 @@ def test_version_and_unknown_flag(capsys: pytest.CaptureFixture[str]) -> None:
     assert capsys.readouterr().out.strip() == f"cloudmon-agent {__version__}"
     assert main(["--bogus"]) == 2
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_spool_flags_are_checked(empty_config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["--config", str(empty_config), "--collector", "http://x:1", "--spool-max-bytes", "1k"])
+    assert rc == 2
+    assert "spool_max_bytes (from --spool-max-bytes): must be >= 65536 bytes" in capsys.readouterr().err
+    rc = main(["--config", str(empty_config), "--collector", "http://x:1", "--retry-max", "never"])
+    assert rc == 2
+    assert "retry_max (from --retry-max): expected a number, got 'never'" in capsys.readouterr().err
+
+
+def test_an_unusable_spool_directory_exits_2_naming_it(
+    tmp_path: Path, empty_config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "spool").write_text("a file where the spool directory belongs")
+    rc = main(["--config", str(empty_config), "--collector", "http://127.0.0.1:1", "--node-id", "n1",
+               "--state-dir", str(state)])  # fmt: skip
+    assert rc == 2
+    assert f"state_dir: spool directory {state / 'spool'}" in capsys.readouterr().err

@@ -110,6 +110,9 @@ def test_bad_interval_names_setting_and_source(
         ("node_id", "bad id!", "A-Z a-z 0-9"),
         ("log_level", "chatty", "DEBUG, INFO"),
         ("timeout", "0", "timeout"),
+        ("spool_max_bytes", "lots", "a size in bytes like 67108864 or 64MiB"),
+        ("spool_max_bytes", "1000", "must be >= 65536 bytes"),
+        ("retry_max", "0", "must be >= 0.05"),
     ],
 )
 def test_invalid_values_name_the_setting(tmp_path: Path, setting: str, value: str, fragment: str) -> None:
@@ -198,3 +201,31 @@ def test_corrupt_or_unwritable_node_id_errors_say_how_to_fix(tmp_path: Path) -> 
 )
 def test_sanitize_hostname(hostname: str, expected: str) -> None:
     assert sanitize_hostname(hostname) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("67108864", 64 << 20),
+        ("64MiB", 64 << 20),
+        ("64M", 64 << 20),
+        ("512KiB", 512 << 10),
+        ("1 GiB", 1 << 30),
+    ],
+)
+def test_spool_size_accepts_bytes_and_binary_units(tmp_path: Path, raw: str, expected: int) -> None:
+    assert (
+        load_config(_toml(tmp_path, ""), environ={"CLOUDMON_SPOOL_MAX_BYTES": raw}).spool_max_bytes
+        == expected
+    )
+
+
+def test_spool_and_retry_settings_from_file_env_and_flags(tmp_path: Path) -> None:
+    path = _toml(tmp_path, "spool_max_bytes = 1048576\nretry_max = 5.0\n")
+    cfg = load_config(path, environ={})
+    assert (cfg.spool_max_bytes, cfg.retry_max) == (1 << 20, 5.0)
+    cfg = load_config(path, environ={"CLOUDMON_RETRY_MAX": "2"}, overrides={"spool_max_bytes": "2MiB"})
+    assert (cfg.spool_max_bytes, cfg.retry_max) == (2 << 20, 2.0)
+    assert load_config(_toml(tmp_path, ""), environ={}).spool_max_bytes == 64 << 20
+    with pytest.raises(ConfigError, match=r"spool_max_bytes .*expected a int"):
+        load_config(_toml(tmp_path, "spool_max_bytes = 1.5\n"), environ={})

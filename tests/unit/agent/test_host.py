@@ -99,9 +99,9 @@ def test_total_cpu_is_consistent_with_per_core() -> None:
         h = c.collect()
     finally:
         c.close()
-    # The total is the time-weighted mean of the cores; cores' jiffy deltas
-    # differ by a tick or two at most, so it is close to the plain mean.
-    assert h.cpu_percent == pytest.approx(sum(h.cpu_per_core) / len(h.cpu_per_core), abs=5)
+    # The total is the time-weighted mean of the cores, so it lies between them.
+    # (Not compared with the plain mean: over a window this short the cores'
+    # jiffy deltas differ by a tick or two, which moves the plain mean by >5 %.)
     assert min(h.cpu_per_core) - 0.01 <= h.cpu_percent <= max(h.cpu_per_core) + 0.01
 
 
