@@ -46,7 +46,7 @@ if [ "$mode" = test ]; then
   # start), libvirt-python's build deps, Redis for the store/queue tests, and
   # node_exporter as the agent benchmark's reference peer.
   pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 libvirt-clients libvirt-dev pkg-config
-         gcc python3-dev redis-server prometheus-node-exporter)
+         gcc python3-dev redis-server prometheus-node-exporter iproute2)
 fi
 
 if command -v dpkg-query >/dev/null 2>&1; then
