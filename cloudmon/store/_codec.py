@@ -313,13 +313,34 @@ class AggView:
         return count, s, lo, hi
 
     def full(self) -> Agg:
-        """The whole aggregate (for merging)."""
-        agg = Agg.empty(self.m)
-        for j in range(self.m):
-            got = self.metric(j)
-            if got is not None:
-                agg.counts[j], agg.sums[j], agg.mins[j], agg.maxs[j] = got
-        return agg
+        """The whole aggregate (for merging): one unpack, then a walk along the bitmap."""
+        m, blob = self.m, self.blob
+        shared = self.count >= 0
+        counts = [self.count] * m if shared else list(_u32s(m).unpack_from(blob, _ROLLUP_HDR.size))
+        values = doubles((len(blob) - self.data_off) // 8).unpack_from(blob, self.data_off)
+        sums: list[float] = []
+        mins: list[float] = []
+        maxs: list[float] = []
+        bits = self.bits
+        p = 0
+        for j in range(m):
+            if bits >> j & 1:
+                v = values[p]
+                p += 1
+                if counts[j]:
+                    sums.append(v * counts[j])
+                    mins.append(v)
+                    maxs.append(v)
+                else:
+                    sums.append(0.0)
+                    mins.append(INF)
+                    maxs.append(-INF)
+            else:
+                sums.append(values[p])
+                mins.append(values[p + 1])
+                maxs.append(values[p + 2])
+                p += 3
+        return Agg(counts, sums, mins, maxs)
 
 
 def rollup_metrics(blob: bytes, positions: list[int]) -> list[tuple[int, float, float, float] | None]:
@@ -361,3 +382,47 @@ def rollup_metrics(blob: bytes, positions: list[int]) -> list[tuple[int, float, 
             s, lo, hi = _F64X3.unpack_from(blob, pos)
             out.append((c, s, lo, hi))
     return out
+
+
+class RollupPlans:
+    """Where chosen metrics sit in rollup rows, cached per row shape.
+
+    The offsets of the requested metrics depend only on the row's layout, its
+    shared count and the single-value bits up to the last requested metric, and
+    consecutive buckets of a node nearly always agree on those: a long series
+    then decodes each row with one dict lookup and one ``unpack_from`` per metric.
+    """
+
+    __slots__ = ("_plans",)
+
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int, int, int], list[tuple[int, int, int, bool]]] = {}
+
+    def plan(self, lid: int, blob: bytes, positions: list[int]) -> list[tuple[int, int, int, bool]]:
+        """``(k, count, offset, single)`` for each requested metric ``k`` with data in ``blob``."""
+        try:
+            version, flags, m = _ROLLUP_HDR.unpack_from(blob, 0)
+            count = _U32.unpack_from(blob, _ROLLUP_HDR.size)[0] if flags & 1 else -1
+        except struct.error as exc:
+            raise CodecError(f"truncated rollup header: {exc}") from None
+        if version != ROLLUP_VERSION:
+            raise CodecError(f"unknown rollup version {version}")
+        nb = (m + 7) // 8
+        off = (8 if flags & 1 else 4 + 4 * m) + nb
+        top = max(positions, default=-1)
+        bits = int.from_bytes(blob[off - nb : off], "little") & ((2 << top) - 1 if top >= 0 else 0)
+        key = (lid, m, count, bits)
+        plan = self._plans.get(key) if count >= 0 else None
+        if plan is None:
+            plan = []
+            for k, got in enumerate(rollup_metrics(blob, positions)):
+                if got is not None:
+                    j = positions[k]
+                    before = (bits & ((1 << j) - 1)).bit_count()
+                    plan.append((k, got[0], off + 8 * (3 * j - 2 * before), bool(bits >> j & 1)))
+            if count >= 0:  # per-metric counts vary row by row: not worth caching
+                self._plans[key] = plan
+        return plan
+
+
+unpack_f64x3 = _F64X3.unpack_from

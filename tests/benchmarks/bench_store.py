@@ -13,6 +13,17 @@
     cache) and cold (the file's pages dropped from the cache first).
 (c) loads ``--day-nodes`` nodes × 24 h at 1 s and times 50 queries of 24 h at 60 s
     (served by the 1 m tier) and 7 days at 1 h (the 1 h tier).
+
+Measured on the 2-core dev machine (shared with other test runs: ±50 %), with
+``--nodes 5000 --seconds 180 --query-nodes 5000 --query-seconds 3700 --day-nodes 4``:
+
+(a) 43.6k samples/s (1.9M values/s); 16.5 µs CPU per sample, i.e. ≈8 % of one core
+    at 5,000 samples/s, compaction included; write_samples median 20 ms, p99 0.37 s
+    (a call that compacts one of the 16 node groups); final flush 3.6 s.
+(b) 18.5M samples in a 6.0 GB file (≈325 bytes per sample).  1 h at 1 s, one metric:
+    warm median 2.8–3.4 ms (p95 3–4.5 ms), cold 12–21 ms; four metrics: warm 4.4–8.5 ms,
+    cold 15–30 ms.
+(c) 24 h at 60 s: one metric ≈4 ms, four ≈6 ms; 7 d at 1 h: 0.13 ms.
 """
 
 from __future__ import annotations

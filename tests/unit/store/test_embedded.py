@@ -273,6 +273,27 @@ def test_late_samples_merge_into_closed_buckets_once(open_db: OpenDb, hour: floa
     assert store.series("a", ["cpu"], hour, hour + 3600, 3600).metrics["cpu"].max == [1000.0]
 
 
+def test_a_node_with_a_lagging_clock_is_visible_at_once_and_stored_in_whole_blocks(
+    open_db: OpenDb, db: Path, hour: float
+) -> None:
+    store = open_db(grace_s=0)
+    for sec in range(600):  # "slow" reports 5 minutes behind everyone else
+        store.write_samples(
+            [Sample("ok", hour + 300 + sec, {"cpu": 1.0}), Sample("slow", hour + sec, {"cpu": float(sec)})]
+        )
+        if sec % 97 == 0:
+            got = store.latest("slow")
+            assert got is not None
+            assert got.ts == hour + sec
+    store.flush()
+    raw = store.series("slow", ["cpu"], hour, hour + 600, 1).metrics["cpu"].avg
+    assert raw == [float(s) for s in range(600)]
+    key = rows(db, "SELECT node_key FROM series_nodes WHERE node_id='slow'")[0][0]
+    assert len(rows(db, "SELECT 1 FROM blocks WHERE node_key=?", key)) < 30  # not one per write
+    one = store.series("slow", ["cpu"], hour, hour + 600, 60).metrics["cpu"].avg
+    assert one == pytest.approx([60 * m + 29.5 for m in range(10)])
+
+
 def test_replays_after_compaction_and_reopen_are_ignored(open_db: OpenDb, db: Path, hour: float) -> None:
     samples = [s for m in range(3) for s in minute("a", hour + 60 * m, 60)]
     store = open_db()
@@ -494,7 +515,7 @@ def test_another_applications_database_is_refused(db: Path) -> None:
 def test_a_full_disk_fails_clearly_and_keeps_what_was_committed(
     open_db: OpenDb, db: Path, hour: float
 ) -> None:
-    store = open_db(max_size_bytes=400_000)
+    store = open_db(max_size_bytes=2_000_000)
     names = {f"m{i}": float(i) for i in range(40)}
     written = 0
     error: StoreUnavailable | None = None
