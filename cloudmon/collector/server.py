@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import logging
 import math
@@ -40,6 +41,7 @@ from cloudmon.collector.api import (
     StatusResponse,
     openapi_document,
 )
+from cloudmon.collector.queue import SharedQueue, live_report
 from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.collector.writer import StoreWriter
 from cloudmon.config import Config, ConfigError
@@ -168,6 +170,18 @@ class Collector:
         self.model = ClusterModel(config.node_timeout)
         self._writer = StoreWriter(store, config.write_queue_max, clock)
         self._hub = StreamHub(STREAM_MAX_SAMPLES)
+        # Off by default: only with a queue URL do reports go through Redis (see queue.py).
+        self._queue: SharedQueue | None = None
+        if config.queue:
+            self._queue = SharedQueue(
+                config.queue,
+                store,
+                self.model,
+                self._hub,
+                claim_timeout=config.queue_claim_timeout,
+                max_pending=config.write_queue_max,
+                clock=clock,
+            )
         self._readers: ThreadPoolExecutor | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
@@ -216,6 +230,8 @@ class Collector:
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloudmon-reader")
         await self._restore_nodes(loop)
         self._writer.start()
+        if self._queue is not None:
+            await self._queue.start()
         app = web.Application(middlewares=[self._middleware], client_max_size=self._max_body)
         for route in ROUTES:
             app.router.add_route(route.method, route.path, getattr(self, route.handler))
@@ -281,6 +297,8 @@ class Collector:
                 await self._ticker
         if self._runner is not None:
             await self._runner.cleanup()
+        if self._queue is not None:
+            await self._queue.close()
         loop = asyncio.get_running_loop()
         if self._readers is not None:
             # The writer's final flush blocks: keep it off the loop.
@@ -377,6 +395,26 @@ class Collector:
                 raise _Rejected(_schema_reason(str(exc)), f"report [{i}]: {exc}") from None
         return reports
 
+    async def _enqueue(
+        self, reports: list[Report], samples: list[Sample], records: list[NodeRecord], new_node: bool
+    ) -> web.Response | None:
+        """Shared-queue mode: samples go to Redis (stored by whichever collector reads
+        them), inventory to the local writer; an error answer when Redis refused."""
+        assert self._queue is not None
+        live = [
+            live_report(r.node_id, r.node.hostname, r.ts, r.interval, dict(s.values), _node_info(r))
+            for r, s in zip(reports, samples, strict=True)
+        ]
+        if not await self._queue.append(samples, live):
+            return self._reject(
+                503,
+                "queue_unavailable",
+                "the shared queue cannot take reports now; nothing was accepted, retry later",
+                {"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self._writer.offer((), records, new_node)
+        return None
+
     async def handle_ingest(self, request: web.Request) -> web.Response:
         """``POST /api/v1/ingest``: validate whole, queue for the store, update model and streams."""
         if request.content_type != _JSON:
@@ -412,7 +450,11 @@ class Collector:
                 new_node = True
             first_seen = now if known is None else known.first_seen
             records.append(NodeRecord(r.node_id, r.node.hostname, first_seen, now, info))
-        if not self._writer.offer(samples, records, new_node):
+        if self._queue is not None:
+            refused = await self._enqueue(reports, samples, records, new_node)
+            if refused is not None:
+                return refused
+        elif not self._writer.offer(samples, records, new_node):
             return self._reject(
                 503,
                 "queue_full",
@@ -421,8 +463,13 @@ class Collector:
             )
         hub = self._hub
         for r, sample, info in zip(reports, samples, infos, strict=True):
+            known = model.get(r.node_id)
+            # Only samples newer than any seen from the node are live: an agent's
+            # retry (lost answer) or spool replay is stored once by the store, and
+            # must not reach live charts a second time or out of order either.
+            live = known is None or r.ts > known.last_ts
             model.update(r.node_id, r.node.hostname, r.ts, r.interval, sample.values, info, now)
-            if hub.watched(r.node_id):
+            if live and hub.watched(r.node_id):
                 event = SampleEvent(r.node_id, r.ts, dict(sample.values))
                 hub.publish_sample(r.node_id, sse_event("sample", _encoder.encode(event)))
         n = len(reports)
@@ -537,6 +584,17 @@ class Collector:
         nodes = self.model.nodes()
         online = sum(1 for n in nodes if n.status(now, timeout) is NodeStatus.ONLINE)
         w = self._writer.stats()
+        if self._queue is not None:
+            # Queue mode: the consumer writes the samples; fold its state into the writer's.
+            q = self._queue.stats()
+            w = dataclasses.replace(
+                w,
+                queued=w.queued + q.queued,
+                written=w.written + q.written,
+                store_errors=w.store_errors + q.errors,
+                last_store_error=q.last_error or w.last_store_error,
+                degraded=w.degraded or q.degraded,
+            )
         status = StatusResponse(
             version=cloudmon.__version__,
             started=self._started_wall,

@@ -206,11 +206,14 @@ def start_agent_process(tmp_path: Path) -> Iterator[StartAgentProcess]:
     """Start ``cloudmon-agent`` processes (own state dir each); every one is stopped by pid afterwards."""
     started: list[ManagedProcess] = []
 
-    def start(collector_url: str, token: str, node_id: str, interval: float = 0.2) -> ManagedProcess:
+    def start(
+        collector_url: str, token: str, node_id: str, interval: float = 0.2, extra: tuple[str, ...] = ()
+    ) -> ManagedProcess:
+        # The state dir (node id, spool) follows the node id: a restart with the same id reuses it.
         state_dir = tmp_path / f"agent-{node_id}"
         log_path = tmp_path / f"agent-{node_id}-{len(started)}.log"
         args = [*agent_command(), "--collector", collector_url, "--token", token]
-        args += ["--state-dir", str(state_dir), "--interval", str(interval), "--node-id", node_id]
+        args += ["--state-dir", str(state_dir), "--interval", str(interval), "--node-id", node_id, *extra]
         log = log_path.open("wb")
         proc = subprocess.Popen(
             args,

@@ -493,3 +493,16 @@ def test_a_full_spool_drops_the_oldest_and_says_so_in_reports(tmp_path: Path, ag
     # The count travels in the reports sampled after the first drop.
     assert max(r.agent.spool_dropped for r in kept) > 0
     assert all(r.agent.dropped_reports >= r.agent.spool_dropped for r in kept)
+
+
+def test_no_spool_file_is_written_while_the_collector_is_up(
+    tmp_path: Path, sink: Sink, agents: list[Agent]
+) -> None:
+    agent = Agent(_cfg(tmp_path, sink.url))
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: len(sink.requests) >= 20, what="20 reports")
+    assert list((tmp_path / "state" / "spool").iterdir()) == []  # the spool path never touched the disk
+    agent.close()
+    c = agent.counters()
+    assert (c.spooled, c.replayed, c.spool_dropped) == (0, 0, 0)

@@ -174,3 +174,89 @@ def test_unknown_route_and_wrong_method_answer_json(collector: CollectorThread) 
     assert "use POST" in wrong.body["error"]
     # Unknown /api/v1 paths need the token too: nothing is revealed without it.
     assert get(collector.url, "/api/v1/nope", token=None).status == 401
+
+
+# -- exactly once: retries, replays and late reports -------------------------------
+
+
+def _batch(node_id: str, items: list[tuple[float, float]]) -> bytes:
+    """A JSON array of reports ``(ts, cpu)``, as an agent replays its spool."""
+    return b"[" + b",".join(report_json(node_id=node_id, ts=ts, cpu=cpu) for ts, cpu in items) + b"]"
+
+
+def _written(client: ApiClient, n: int) -> bool:
+    st = client.status()
+    return bool(st["samples_written"] >= n and st["write_queue"] == 0)
+
+
+def test_retries_and_replays_are_stored_once_in_every_tier(
+    collector: CollectorThread, store: TelemetryStore, clock: FakeClock
+) -> None:
+    node = "node-once"
+    t0 = float(int(clock.now) // 3600 * 3600 - 7200)  # an hour bucket in the past
+    on_time = [(t0 + i, float(i % 7) * 10) for i in range(120)]  # two minutes, 1 s apart
+    late = [(t0 + i + 0.5, 100.0) for i in range(60)]  # arrive after the first minute was compacted
+    client = ApiClient(collector.url, TOKEN)
+    sent = 0
+
+    def send(body: bytes, n: int) -> None:
+        nonlocal sent
+        answer = post(collector.url, body)
+        assert answer.status == 200, answer.body
+        assert answer.body["accepted"] == n
+        sent += n
+
+    try:
+        send(_batch(node, on_time), 120)
+        send(_batch(node, on_time), 120)  # the agent's retry after a lost answer
+        send(report_json(node_id=node, ts=on_time[5][0], cpu=on_time[5][1]), 1)
+        wait_for(lambda: _written(client, sent), what="the first batches written")
+        store.flush()  # compact: the raw samples are in blocks and folded into the rollups
+        send(_batch(node, on_time[:60]), 60)  # a replay of what is compacted already
+        send(_batch(node, late), 60)  # late but new: must count, once
+        send(_batch(node, late), 60)  # ... and their retry must not
+        wait_for(lambda: _written(client, sent), what="the replays written")
+        for flushed in (False, True):  # before compaction (head rows) and after
+            if flushed:
+                store.flush()
+            raw = client.series(node, ["cpu.percent"], t0, t0 + 120, step=0.5)
+            assert raw.tier == "raw"
+            want_raw: list[float | None] = [None] * 240
+            for ts, cpu in [*on_time, *late]:
+                want_raw[int((ts - t0) * 2)] = cpu
+            assert raw.metrics["cpu.percent"].avg == want_raw
+            minute = client.series(node, ["cpu.percent"], t0, t0 + 120, step=60)
+            assert minute.tier == "1m"
+            m0 = [c for _, c in on_time[:60]] + [c for _, c in late]
+            m1 = [c for _, c in on_time[60:]]
+            assert minute.metrics["cpu.percent"].avg == pytest.approx([sum(m0) / 120, sum(m1) / 60])
+            hour = client.series(node, ["cpu.percent"], t0, t0 + 3600, step=3600)
+            assert hour.tier == "1h"
+            everything = [c for _, c in [*on_time, *late]]
+            assert hour.metrics["cpu.percent"].avg == pytest.approx([sum(everything) / 180])
+        # Replayed old reports do not roll the live values back.
+        (summary,) = [n for n in client.nodes().nodes if n.node_id == node]
+        assert summary.values["cpu.percent"] == on_time[-1][1]
+    finally:
+        client.close()
+
+
+def test_retries_and_replays_do_not_reach_the_live_stream_again(
+    collector: CollectorThread, clock: FakeClock
+) -> None:
+    node = "node-live"
+    t = clock.now
+    assert post(collector.url, report_json(node_id=node, ts=t, cpu=1.0)).status == 200
+    events = ApiClient(collector.url, TOKEN).stream(node, timeout=10)
+    assert next(events).event == "nodes"
+    for ts, cpu in ((t + 1, 2.0), (t + 1, 2.0), (t - 5, 9.0), (t + 2, 3.0)):  # new, retry, replay, new
+        assert post(collector.url, report_json(node_id=node, ts=ts, cpu=cpu)).status == 200
+    seen: list[tuple[float, float]] = []
+    for event in events:
+        if event.event == "sample":
+            seen.append((event.data["ts"], event.data["values"]["cpu.percent"]))
+            if event.data["ts"] == t + 2:
+                break
+    collector.close()
+    list(events)
+    assert seen == [(t + 1, 2.0), (t + 2, 3.0)]
