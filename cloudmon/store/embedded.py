@@ -348,6 +348,8 @@ class EmbeddedStore:
         self._wm: list[int] = []
         self._max_seen_ms = 0
         self._horizon_ms: dict[str, int] = {}
+        #: Samples refused because they were older than the raw tier's retention.
+        self.skipped_expired = 0
         self._compact_warned = -math.inf
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -772,6 +774,10 @@ class EmbeddedStore:
         tables: list[list[Row]] = [[] for _ in range(2 * groups)]
         late: list[tuple[int, Row]] = []
         newest = self._max_seen_ms
+        # Below the raw tier's retention horizon the original of a resent sample
+        # is gone, so a duplicate could no longer be recognised and would be
+        # folded into the rollups twice: such samples are skipped and counted.
+        raw_horizon_ms = self._horizon_ms.get("raw", 0)
         for s in samples:
             node = nodes.get(s.node_id)
             if node is None:
@@ -784,6 +790,9 @@ class EmbeddedStore:
                 ) from None
             if ts_ms <= 0:
                 raise ValueError(f"sample of node {s.node_id!r}: ts must be > 0 (UNIX seconds), got {s.ts!r}")
+            if ts_ms <= raw_horizon_ms:
+                self.skipped_expired += 1
+                continue
             values = s.values
             if len(values) == len(node.names) and tuple(values) == node.names:
                 try:

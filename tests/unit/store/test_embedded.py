@@ -535,3 +535,23 @@ def test_a_full_disk_fails_clearly_and_keeps_what_was_committed(
         got = store.series(f"n{k}", ["m7"], hour, hour + written + 5, 1).metrics["m7"].avg
         assert got == [7.0] * written + [None] * 5
     store.write_samples([Sample("n0", hour + written + 1, names)])  # usable again without the cap
+
+
+def test_a_resend_older_than_raw_retention_is_skipped_not_counted_twice(
+    open_db: OpenDb, hour: float
+) -> None:
+    tiers = (TierSpec("raw", 1, 2 * 3600), TierSpec("1m", 60, 6 * 3600), TierSpec("1h", 3600, 30 * 86400))
+    store = open_db(tiers=tiers)
+    first = minute("a", hour, 60)
+    store.write_samples(first)
+    store.flush()
+    store.enforce_retention(hour + 2 * 3600 + 300)  # the raw originals of that minute are gone
+    # An agent resends the acknowledged batch much later (other values make a
+    # second fold visible in the average).
+    store.write_samples(minute("a", hour, 60, base=1000.0))
+    store.flush()
+    assert store.skipped_expired == 60
+    res = store.series("a", ["cpu"], hour, hour + 60, 60)
+    assert res.tier == "1m"
+    assert res.metrics["cpu"].avg == pytest.approx([29.5])
+    assert res.metrics["cpu"].max == [59.0]
