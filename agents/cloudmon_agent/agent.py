@@ -1,11 +1,17 @@
 """The agent: sample on a fixed cadence, push each report, survive the collector being away.
 
-Two threads, so a slow or black-holed collector can never delay sampling:
+Two threads, so a slow or black-holed collector can never stall sampling:
 
 - the *sampling* thread (the one running :meth:`Agent.run`) wakes at
   ``start + k * interval`` on the monotonic clock (no drift; after an overrun
-  it skips the missed cycles instead of bursting), samples every collector,
-  encodes the report and queues it;
+  it skips the missed cycles instead of bursting), samples every collector
+  and encodes the report.  In the steady state (the collector answered the
+  last post, nothing is queued or spooled, the sender is idle) it posts the
+  report itself, with a short timeout (:data:`INLINE_TIMEOUT_FRACTION` of the
+  interval, at least :data:`INLINE_TIMEOUT_MIN`, at most ``config.timeout``): no thread hand-off, no wake-up of a
+  second thread, a third of the CPU of a cycle.  Otherwise, or if that post
+  fails in any way but a refusal of the report, the report is queued for the
+  sender, which owns every retry, the spool and every change of link state;
 - the *sender* thread posts queued reports in order.  While the collector is
   up nothing touches the disk.  When a post fails (unreachable, 5xx such as a
   full collector's 503, or a rejected token) that report and every later one
@@ -50,7 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cloudmon_agent import __version__
-from cloudmon_agent.collectors import Collector, default_collectors
+from cloudmon_agent.collectors import Collector, CollectorOptions, default_collectors
 from cloudmon_agent.collectors.procfs import ProcFile
 from cloudmon_agent.config import AgentConfig, ConfigError, resolve_node_id
 from cloudmon_agent.schema import SCHEMA_VERSION, AgentStats, NodeInfo, Report, encode
@@ -61,6 +67,7 @@ from cloudmon_agent.transport import (
     HttpTransport,
     ReportRejected,
     Transport,
+    TransportError,
 )
 
 log = logging.getLogger(__name__)
@@ -76,6 +83,13 @@ REPLAY_BATCH_MAX: Final = 1000
 #: Most payload bytes per replay request (the collector's default body limit is 1 MiB).
 REPLAY_BYTES_MAX: Final = 512 << 10
 SPOOL_DIR: Final = "spool"
+#: The sampling thread's own post of a report waits at most this fraction of
+#: the interval (a slow collector then delays one cycle a little, never skips
+#: one; the sender retries the report with the full ``config.timeout``) ...
+INLINE_TIMEOUT_FRACTION: Final = 0.3
+#: ... but not less than this (seconds): with very short intervals a busy but
+#: healthy collector must not look slow (a handed-over report is posted twice).
+INLINE_TIMEOUT_MIN: Final = 0.25
 
 
 class LinkState(enum.Enum):
@@ -139,6 +153,18 @@ def os_description() -> str:
     return (f"{base} ({pretty})" if pretty else base)[:255]
 
 
+def collector_options(config: AgentConfig) -> CollectorOptions:
+    """The collector switches of ``config`` as :func:`default_collectors` takes them."""
+    return CollectorOptions(
+        libvirt_uri=config.libvirt_uri,
+        top_n=config.top_n,
+        processes_every_s=config.processes_every,
+        containers=config.containers,
+        gpus=config.gpus,
+        budget_ms=config.budget_ms,
+    )
+
+
 class _Rss:
     """Resident set size of this process: ``/proc/self/statm`` (one read) or psutil."""
 
@@ -169,7 +195,8 @@ class _Rss:
 class Agent:
     """Samples the node and pushes reports to the collector.
 
-    ``collectors`` default to :func:`~cloudmon_agent.collectors.default_collectors`;
+    ``collectors`` default to :func:`~cloudmon_agent.collectors.default_collectors`
+    with the switches of ``config`` (:func:`collector_options`);
     ``transport`` defaults to an :class:`~cloudmon_agent.transport.HttpTransport`
     to ``config.collector`` (none is needed just to :meth:`sample`).
 
@@ -196,7 +223,7 @@ class Agent:
         self.config = config
         self.node_id = resolve_node_id(config)
         self._collectors: list[Collector] = (
-            list(collectors) if collectors is not None else default_collectors()
+            list(collectors) if collectors is not None else default_collectors(collector_options(config))
         )
         fields = [c.field for c in self._collectors]
         if len(set(fields)) != len(fields):
@@ -228,6 +255,13 @@ class Agent:
         self._stop = threading.Event()
         self._cond = threading.Condition()  # guards everything below that both threads touch
         self._pending: collections.deque[bytes] = collections.deque()
+        #: True while a thread uses the transport (the sender, or the sampling
+        #: thread posting a report itself): the transport is not thread-safe
+        #: and reports must go out in order.
+        self._busy = False
+        self._inline_timeout = min(
+            config.timeout, max(INLINE_TIMEOUT_MIN, config.interval * INLINE_TIMEOUT_FRACTION)
+        )
         self._dropped = 0
         self._rejected = 0
         self._sent = 0
@@ -362,7 +396,7 @@ class Agent:
             if (delay > 0 and self._stop.wait(delay)) or self._stop.is_set():
                 return
             try:
-                self._enqueue(encode(self.sample()))
+                self._push(encode(self.sample()))
             except Exception as exc:  # worker loop: one bad cycle must not stop sampling
                 key = f"{type(exc).__name__}: {exc}"
                 if key not in errors_logged and len(errors_logged) < 50:  # once per distinct error
@@ -375,6 +409,43 @@ class Agent:
                 with self._cond:
                     self._skipped += skipped
                 log.debug("cycle overran; skipped %d cycle(s)", skipped)
+
+    def _push(self, body: bytes) -> None:
+        """Post ``body`` from this (sampling) thread when the way is clear, else queue it for the sender."""
+        transport = self._transport
+        assert transport is not None
+        with self._cond:
+            inline = (
+                not self._busy
+                and not self._pending
+                and self._link is LinkState.UP
+                and self._spooled == 0
+                and not self._stop.is_set()
+            )
+            if inline:
+                self._busy = True
+        if not inline:
+            self._enqueue(body)
+            return
+        handed_over = False
+        try:
+            transport.send(body, timeout=self._inline_timeout)
+        except ReportRejected as exc:
+            self._report_rejected(exc)
+        except TransportError:
+            # Away, slow or refusing the token: the sender tries again with its full
+            # timeout and, failing that, spools the report and says so once.
+            handed_over = True
+        else:
+            with self._cond:
+                self._sent += 1
+        finally:
+            with self._cond:
+                self._busy = False
+                if handed_over:
+                    self._pending.append(body)
+                    # Only then: in the steady state the sender thread stays asleep.
+                    self._cond.notify()
 
     def _enqueue(self, body: bytes) -> None:
         with self._cond:
@@ -414,8 +485,12 @@ class Agent:
         try:
             while True:
                 with self._cond:
-                    while not self._stop.is_set() and not self._pending:
-                        if spool.pending:
+                    while not self._stop.is_set() and (self._busy or not self._pending):
+                        if self._busy:
+                            # The sampling thread is posting a report itself; it notifies
+                            # only when it hands one over (timed: never hang on a missed one).
+                            self._cond.wait(1.0)
+                        elif spool.pending:
                             wait = retry_at - time.monotonic()
                             if wait <= 0:
                                 break  # replay (or probe with) the oldest spooled batch
@@ -426,6 +501,7 @@ class Agent:
                         break
                     fresh = list(self._pending)
                     self._pending.clear()
+                    self._busy = True
                 t0 = time.thread_time()
                 try:
                     if fresh and time.monotonic() < retry_at:
@@ -451,6 +527,7 @@ class Agent:
                     spent = time.thread_time() - t0
                     with self._cond:
                         self._sender_cpu_s += spent
+                        self._busy = False
         finally:
             self._shutdown_sender(spool, retry_at)
 
@@ -458,6 +535,8 @@ class Agent:
         # Nothing sampled is left behind in memory: deliver it if the collector is
         # up (one short try), else keep it in the spool for the next start.
         with self._cond:
+            while self._busy:  # the sampling thread's own post: it may hand its report over
+                self._cond.wait(0.1)
             fresh = list(self._pending)
             self._pending.clear()
         try:
@@ -672,4 +751,4 @@ class Agent:
         self.close()
 
 
-__all__ = ["Agent", "AgentCounters", "LinkState", "next_cycle", "os_description"]
+__all__ = ["Agent", "AgentCounters", "LinkState", "collector_options", "next_cycle", "os_description"]

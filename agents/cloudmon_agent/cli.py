@@ -11,6 +11,7 @@ exit status 0; a configuration error exits with 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -58,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--retry-max", metavar="S", help="longest wait between tries while the collector is away (default 30)"
     )
+    c = p.add_argument_group("collectors")
+    c.add_argument(
+        "--libvirt-uri",
+        metavar="URI",
+        help="libvirt URI for VM metrics (default qemu:///system; '' or none: no VMs)",
+    )
+    c.add_argument("--top-n", metavar="N", help="processes in each top list (default 5; 0: no process scan)")
+    c.add_argument("--processes-every", metavar="S", help="seconds between process scans (default 5)")
+    c.add_argument(
+        "--no-containers",
+        dest="containers",
+        action="store_const",
+        const=False,
+        help="do not report containers, services and VM scopes from cgroups",
+    )
+    c.add_argument(
+        "--no-gpus", dest="gpus", action="store_const", const=False, help="do not report NVIDIA GPUs"
+    )
+    c.add_argument(
+        "--budget-ms",
+        metavar="MS",
+        help="collectors' CPU budget per cycle; over it the costliest runs less often (default 1; 0: off)",
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML config file")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--once", action="store_true", help="print one report as JSON on stdout and exit")
@@ -96,6 +120,12 @@ def _once(config: AgentConfig) -> int:
 
 def _serve(config: AgentConfig) -> int:
     agent = Agent(config)
+    # Everything allocated so far (modules, classes, the collectors) lives as long
+    # as the process: move it out of the collector's reach, so the occasional
+    # full collection walks only what the cycles allocate.  Only here, in the
+    # agent's own process, never when the Agent is embedded in another program.
+    gc.collect()
+    gc.freeze()
     in_main = threading.current_thread() is threading.main_thread()
     try:
         if in_main:
@@ -132,6 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "log_level": args.log_level,
                 "spool_max_bytes": args.spool_max_bytes,
                 "retry_max": args.retry_max,
+                "libvirt_uri": args.libvirt_uri,
+                "top_n": args.top_n,
+                "processes_every": args.processes_every,
+                "containers": args.containers,
+                "gpus": args.gpus,
+                "budget_ms": args.budget_ms,
             },
         )
     except ConfigError as exc:

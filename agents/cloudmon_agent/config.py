@@ -14,8 +14,12 @@ Sources, later wins:
 3. environment: ``CLOUDMON_COLLECTOR``, ``CLOUDMON_TOKEN``,
    ``CLOUDMON_INTERVAL``, ``CLOUDMON_NODE_ID``, ``CLOUDMON_NODE_NAME``,
    ``CLOUDMON_STATE_DIR``, ``CLOUDMON_TIMEOUT``, ``CLOUDMON_LOG_LEVEL``,
-   ``CLOUDMON_SPOOL_MAX_BYTES``, ``CLOUDMON_RETRY_MAX`` (an empty variable
-   counts as unset);
+   ``CLOUDMON_SPOOL_MAX_BYTES``, ``CLOUDMON_RETRY_MAX``, and for the
+   collectors ``CLOUDMON_LIBVIRT_URI``, ``CLOUDMON_TOP_N``,
+   ``CLOUDMON_PROCESSES_EVERY``, ``CLOUDMON_CONTAINERS``, ``CLOUDMON_GPUS``,
+   ``CLOUDMON_BUDGET_MS`` (an empty variable counts as unset, so
+   ``CLOUDMON_LIBVIRT_URI=none`` turns VMs off; booleans take
+   1/0, true/false, yes/no, on/off);
 4. command-line flags.
 
 Every error names the setting and where its bad value came from.
@@ -130,6 +134,46 @@ def _check_retry_max(v: float) -> float:
     return v
 
 
+_URI_RE: Final = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:\S*$")
+#: ``libvirt_uri`` values that mean "no VMs" (besides the empty string).
+_URI_OFF: Final = ("none", "off")
+
+
+def _check_libvirt_uri(v: str) -> str:
+    if v.strip().lower() in ("", *_URI_OFF):
+        return ""
+    if not _URI_RE.match(v):
+        raise ValueError(
+            f"must be a libvirt URI like qemu:///system, or empty (or none) for no VMs, got {v!r}"
+        )
+    return v
+
+
+def _check_top_n(v: int) -> int:
+    if not 0 <= v <= 100:
+        raise ValueError(f"must be 0 (no process scan) to 100, got {v}")
+    return v
+
+
+def _check_processes_every(v: float) -> float:
+    if not 0 <= v <= 3600:
+        raise ValueError(f"must be >= 0 and <= 3600 seconds, got {v:g}")
+    return v
+
+
+def _check_budget_ms(v: float) -> float:
+    if not 0 <= v <= 10_000:
+        raise ValueError(f"must be 0 (no budget) to 10000 ms, got {v:g}")
+    return v
+
+
+def _check_bool(v: bool) -> bool:
+    if not isinstance(v, bool):
+        # ValueError like every check: __post_init__ turns it into a ConfigError naming the setting.
+        raise ValueError(f"must be true or false, got {v!r}")  # noqa: TRY004
+    return v
+
+
 def _check_name(v: str) -> str:
     if not v.strip() or len(v) > 255:
         raise ValueError(f"must be 1-255 characters, got {v!r}")
@@ -169,6 +213,20 @@ class AgentConfig:
     #: Longest wait between two tries while the collector is away (seconds; the
     #: wait doubles from 1 s up to this).  Lower notices a returning collector sooner.
     retry_max: float = 30.0
+    #: libvirt URI the VM collector connects to; empty turns VMs off (so does a
+    #: missing libvirt-python).  ``test:///default`` is libvirt's fake host.
+    libvirt_uri: str = "qemu:///system"
+    #: Processes in each top-N list (by CPU, by memory); 0 turns the process scan off.
+    top_n: int = 5
+    #: Seconds between process scans (the report carries the last lists and their age).
+    processes_every: float = 5.0
+    #: Report containers, services and VM scopes from cgroups.
+    containers: bool = True
+    #: Report NVIDIA GPUs (through NVML, when the driver is there).
+    gpus: bool = True
+    #: CPU budget of the collectors per cycle in ms: over it, the most expensive
+    #: one runs less often and the report says so.  0 turns the budget off.
+    budget_ms: float = 1.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
@@ -208,7 +266,18 @@ _CHECKS: Final[dict[str, Callable[[Any], Any]]] = {
     "log_level": _check_log_level,
     "spool_max_bytes": _check_spool_max_bytes,
     "retry_max": _check_retry_max,
+    "libvirt_uri": _check_libvirt_uri,
+    "top_n": _check_top_n,
+    "processes_every": _check_processes_every,
+    "containers": _check_bool,
+    "gpus": _check_bool,
+    "budget_ms": _check_budget_ms,
 }
+
+
+class _Size(int):
+    """Type marker of byte sizes (``67108864`` or ``64MiB``) in :data:`SETTINGS`."""
+
 
 #: setting -> (type, environment variable)
 SETTINGS: Final[dict[str, tuple[type, str]]] = {
@@ -220,9 +289,18 @@ SETTINGS: Final[dict[str, tuple[type, str]]] = {
     "state_dir": (Path, "CLOUDMON_STATE_DIR"),
     "timeout": (float, "CLOUDMON_TIMEOUT"),
     "log_level": (str, "CLOUDMON_LOG_LEVEL"),
-    "spool_max_bytes": (int, "CLOUDMON_SPOOL_MAX_BYTES"),
+    "spool_max_bytes": (_Size, "CLOUDMON_SPOOL_MAX_BYTES"),
     "retry_max": (float, "CLOUDMON_RETRY_MAX"),
+    "libvirt_uri": (str, "CLOUDMON_LIBVIRT_URI"),
+    "top_n": (int, "CLOUDMON_TOP_N"),
+    "processes_every": (float, "CLOUDMON_PROCESSES_EVERY"),
+    "containers": (bool, "CLOUDMON_CONTAINERS"),
+    "gpus": (bool, "CLOUDMON_GPUS"),
+    "budget_ms": (float, "CLOUDMON_BUDGET_MS"),
 }
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
 def _convert(kind: type, value: object) -> Any:
@@ -231,10 +309,25 @@ def _convert(kind: type, value: object) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise TypeError
         return float(value)
-    if kind is int:
+    if kind is _Size:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError
         return _parse_size(value)
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise TypeError
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {value!r}") from None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        if isinstance(value, str):
+            raise ValueError(f"expected true or false (1/0, yes/no, on/off), got {value!r}")
+        raise TypeError
     if kind is Path:
         if not isinstance(value, (str, os.PathLike)) or not str(value):
             raise TypeError
@@ -267,7 +360,8 @@ def _coerce(name: str, value: object, where: str) -> Any:
         if check is not None:
             value = check(value)
     except (TypeError, ValueError) as exc:
-        detail = str(exc) if isinstance(exc, ValueError) and str(exc) else f"expected a {kind.__name__}"
+        kind_name = "int" if kind is _Size else kind.__name__
+        detail = str(exc) if isinstance(exc, ValueError) and str(exc) else f"expected a {kind_name}"
         if "could not convert" in detail:
             detail = f"expected a number, got {value!r}"
         raise ConfigError(f"{name} (from {where}): {detail}") from None

@@ -5,6 +5,8 @@
 Runs side by side, in one run:
 
 - ``cloudmon-agent (host only)``: the agent with just the host collector;
+- ``cloudmon-agent (no-vms)``: host + top processes + containers + GPUs,
+  without libvirt (what a node without VMs pays);
 - ``cloudmon-agent (full)``: host + top processes + containers (cgroups) +
   VMs from libvirt's test driver with a custom host of 10 running domains
   (``tests/unit/agent/data/libvirt-test-10vms.xml``) + GPUs where NVML works,
@@ -16,7 +18,7 @@ Runs side by side, in one run:
   is not counted, the exporter's is).
 
 CPU per cycle comes from ``/proc/PID/stat`` (utime + stime) after a warm-up;
-RSS is sampled once a second.  Then one in-process breakdown of where the
+RSS, PSS and USS (``/proc/PID/smaps_rollup``) are sampled once a second.  Then one in-process breakdown of where the
 full agent's cycle goes, per collector (``time.thread_time``).  Prints
 figures; asserts nothing.  Linux only.
 """
@@ -51,26 +53,25 @@ from tests.benchmarks.bench_agent import CLK_TCK, NAIVE_LOOP, cpu_ticks, rss_byt
 TEN_VMS = ROOT / "tests" / "unit" / "agent" / "data" / "libvirt-test-10vms.xml"
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
 
-#: The agent process: its collectors come from default_collectors(CollectorOptions(...)).
+#: The agent process: the real command line (``cloudmon_agent.cli.main``), so the
+#: benchmark measures what a node runs, start-up choices (lazy imports, gc.freeze) included.
 AGENT = r"""
-import signal, sys
-from cloudmon_agent.agent import Agent
-from cloudmon_agent.collectors import CollectorOptions, default_collectors
-from cloudmon_agent.config import AgentConfig
+import sys
+from cloudmon_agent.cli import main
 
-url, interval, state, mode, uri = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
+url, interval, state, mode, uri = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
+args = ["--collector", url, "--token", "bench", "--interval", interval, "--state-dir", state,
+        "--node-id", "bench-" + mode, "--log-level", "WARNING"]
 if mode == "full":
-    opts = CollectorOptions(libvirt_uri=uri)
+    args += ["--libvirt-uri", uri]
+elif mode == "no-vms":
+    args += ["--libvirt-uri", ""]
 else:
-    opts = CollectorOptions(libvirt_uri="", top_n=0, containers=False, gpus=False, budget_ms=0)
-cfg = AgentConfig(collector=url, token="bench", interval=interval, state_dir=state, node_id="bench-" + mode)
-agent = Agent(cfg, collectors=default_collectors(opts))
-signal.signal(signal.SIGTERM, lambda *_: agent.stop())
-try:
-    agent.run()
-finally:
-    agent.close()
+    args += ["--libvirt-uri", "", "--top-n", "0", "--no-containers", "--no-gpus", "--budget-ms", "0"]
+sys.exit(main(args))
 """
+#: Agent rows: host collector only; everything but VMs (no libvirt loaded); everything.
+MODES = ("host", "no-vms", "full")
 
 
 class _Sink(http.server.ThreadingHTTPServer):
@@ -106,6 +107,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size: shared pages divided among the processes that map them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def free_port() -> int:
@@ -174,7 +183,7 @@ def main() -> int:
         env["XDG_CONFIG_HOME"] = tmp
         try:
             total = args.warmup + args.seconds + 5
-            for mode in ("host", "full"):
+            for mode in MODES:
                 state = os.path.join(tmp, mode)
                 procs[f"cloudmon-agent ({mode})"] = subprocess.Popen(
                     [sys.executable, "-c", AGENT, url, str(args.interval), state, mode, f"test://{TEN_VMS}"],
@@ -216,11 +225,13 @@ def main() -> int:
             start_ticks = {name: cpu_ticks(p.pid) for name, p in procs.items()}
             rss: dict[str, list[int]] = {name: [] for name in procs}
             uss: dict[str, list[int]] = {name: [] for name in procs}
+            pss: dict[str, list[int]] = {name: [] for name in procs}
             t0 = time.monotonic()
             while (elapsed := time.monotonic() - t0) < args.seconds:
                 for name, p in procs.items():
                     rss[name].append(rss_bytes(p.pid))
                     uss[name].append(uss_bytes(p.pid))
+                    pss[name].append(pss_bytes(p.pid))
                 time.sleep(min(1.0, args.seconds - elapsed))
             elapsed = time.monotonic() - t0
             end_ticks = {name: cpu_ticks(p.pid) for name, p in procs.items()}
@@ -249,7 +260,7 @@ def main() -> int:
     )
     header = (
         f"{'process':<26} {'CPU ms/cycle':>12} {'% of a core':>11} {'RSS mean MiB':>12} {'RSS max MiB':>11} "
-        f"{'USS mean MiB':>12}"
+        f"{'PSS mean MiB':>12} {'USS mean MiB':>12}"
     )
     print(header)
     print("-" * len(header))
@@ -258,7 +269,8 @@ def main() -> int:
         pct = ms / (args.interval * 1000) * 100
         print(
             f"{name:<26} {ms:>12.2f} {pct:>10.3f}% {statistics.fmean(rss[name]) / 2**20:>12.1f} "
-            f"{max(rss[name]) / 2**20:>11.1f} {statistics.fmean(uss[name]) / 2**20:>12.1f}"
+            f"{max(rss[name]) / 2**20:>11.1f} {statistics.fmean(pss[name]) / 2**20:>12.1f} "
+            f"{statistics.fmean(uss[name]) / 2**20:>12.1f}"
         )
     print("\n(/proc CPU ticks are 10 ms each: over 30 s, ±0.3 ms/cycle of resolution per row)")
     with sink.lock:

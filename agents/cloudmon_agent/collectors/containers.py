@@ -22,7 +22,6 @@ three or four small files per group.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -30,6 +29,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
+
+import msgspec
 
 from cloudmon_agent.collectors.counters import KeyedRates
 from cloudmon_agent.schema import Container
@@ -90,9 +91,10 @@ def _classify(rel: str, docker_root: str) -> Group | None:
 
 def _docker_name(cid: str, docker_root: str) -> str:
     try:
-        with open(f"{docker_root}/containers/{cid}/config.v2.json", encoding="utf-8") as fh:
-            name = json.load(fh).get("Name", "")
-    except (OSError, ValueError, AttributeError):
+        # msgspec, already loaded for the reports: the json module would be ≈0.3 MiB more.
+        with open(f"{docker_root}/containers/{cid}/config.v2.json", "rb") as fh:
+            name = msgspec.json.decode(fh.read()).get("Name", "")
+    except (OSError, ValueError, AttributeError, msgspec.DecodeError):
         name = ""
     name = str(name).lstrip("/")
     return name[:255] if name else cid[:12]

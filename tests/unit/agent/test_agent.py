@@ -17,8 +17,9 @@ from cloudmon_agent import __version__
 from cloudmon_agent.agent import Agent, LinkState, next_cycle
 from cloudmon_agent.collectors.host import HostCollector
 from cloudmon_agent.config import AgentConfig
-from cloudmon_agent.schema import HostMetrics, Report, decode_report, encode
+from cloudmon_agent.schema import HostMetrics, IngestResponse, Report, decode_report, encode
 from cloudmon_agent.spool import Spool, pending_records
+from cloudmon_agent.transport import HttpTransport
 from tests.unit.agent.sink import Sink, closed_port, wait_until
 
 AGENT_LOG = "cloudmon_agent.agent"
@@ -506,3 +507,57 @@ def test_no_spool_file_is_written_while_the_collector_is_up(
     agent.close()
     c = agent.counters()
     assert (c.spooled, c.replayed, c.spool_dropped) == (0, 0, 0)
+
+
+# -- who posts ----------------------------------------------------------------
+
+
+class _ThreadRecordingTransport(HttpTransport):
+    """The real HTTP transport, noting which thread made each post."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url, "tok", timeout=2.0)
+        self.threads: list[str] = []
+
+    def send(self, body: bytes, timeout: float | None = None) -> IngestResponse:
+        self.threads.append(threading.current_thread().name)
+        return super().send(body, timeout)
+
+
+def test_steady_state_posts_come_from_the_sampling_thread(
+    tmp_path: Path, sink: Sink, agents: list[Agent]
+) -> None:
+    transport = _ThreadRecordingTransport(sink.url)
+    agent = Agent(_cfg(tmp_path, sink.url, interval=0.05), collectors=[HostCollector()], transport=transport)
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: len(sink.requests) >= 6, what="6 reports")
+    agent.close()
+    # The first post finds the link unknown and goes through the sender; once the
+    # collector has answered, the sampling thread posts each report itself.
+    assert transport.threads[0] == "cloudmon-agent-send"
+    assert "cloudmon-agent" in transport.threads[1:]
+    seqs = [decode_report(r.body).seq for r in sink.requests]
+    assert seqs == sorted(seqs)
+    assert agent.counters().sent == len(set(seqs))
+
+
+def test_a_collector_that_stops_answering_does_not_stall_sampling(
+    tmp_path: Path, sink: Sink, agents: list[Agent]
+) -> None:
+    cfg = AgentConfig(collector=sink.url, token="tok", interval=0.05, state_dir=tmp_path / "s", timeout=1.0)
+    agent = Agent(cfg, collectors=[HostCollector()])
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: agent.counters().link is LinkState.UP and agent.counters().sent >= 2, what="link up")
+    sink.delay_s = 3.0  # every answer now comes after the agent stopped waiting for it
+    before = agent.counters().sampled
+    # Sampling goes on while the posts hang: the sampling thread gave up on its own
+    # post after its short timeout and handed the report to the sender.
+    wait_until(
+        lambda: agent.counters().sampled >= before + 10, what="10 more samples while the collector hangs"
+    )
+    wait_until(lambda: agent.counters().link is LinkState.DOWN, what="the sender to mark the link down")
+    assert agent.counters().sampled >= before + 10
+    sink.delay_s = 0.0
+    agent.close()

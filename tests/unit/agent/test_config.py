@@ -229,3 +229,85 @@ def test_spool_and_retry_settings_from_file_env_and_flags(tmp_path: Path) -> Non
     assert load_config(_toml(tmp_path, ""), environ={}).spool_max_bytes == 64 << 20
     with pytest.raises(ConfigError, match=r"spool_max_bytes .*expected a int"):
         load_config(_toml(tmp_path, "spool_max_bytes = 1.5\n"), environ={})
+
+
+def test_collector_switch_defaults(tmp_path: Path) -> None:
+    cfg = load_config(_toml(tmp_path, ""), environ={})
+    assert (cfg.libvirt_uri, cfg.top_n, cfg.processes_every) == ("qemu:///system", 5, 5.0)
+    assert (cfg.containers, cfg.gpus, cfg.budget_ms) == (True, True, 1.0)
+
+
+def test_collector_switches_file_then_env_then_flags(tmp_path: Path) -> None:
+    path = _toml(
+        tmp_path,
+        'libvirt_uri = "qemu+ssh://h/system"\ntop_n = 3\nprocesses_every = 10\n'
+        "containers = false\ngpus = false\nbudget_ms = 2.5\n",
+    )
+    cfg = load_config(path, environ={})
+    assert (cfg.libvirt_uri, cfg.top_n, cfg.processes_every) == ("qemu+ssh://h/system", 3, 10.0)
+    assert (cfg.containers, cfg.gpus, cfg.budget_ms) == (False, False, 2.5)
+    env = {
+        "CLOUDMON_LIBVIRT_URI": "test:///default",
+        "CLOUDMON_TOP_N": "7",
+        "CLOUDMON_PROCESSES_EVERY": "2",
+        "CLOUDMON_CONTAINERS": "yes",
+        "CLOUDMON_GPUS": "1",
+        "CLOUDMON_BUDGET_MS": "0",
+    }
+    cfg = load_config(path, environ=env)
+    assert (cfg.libvirt_uri, cfg.top_n, cfg.processes_every) == ("test:///default", 7, 2.0)
+    assert (cfg.containers, cfg.gpus, cfg.budget_ms) == (True, True, 0.0)
+    flags: dict[str, object] = {
+        "libvirt_uri": "",
+        "top_n": "0",
+        "processes_every": "1.5",
+        "containers": False,
+        "gpus": None,  # a flag not given does not override
+        "budget_ms": "0.5",
+    }
+    cfg = load_config(path, environ=env, overrides=flags)
+    assert (cfg.libvirt_uri, cfg.top_n, cfg.processes_every) == ("", 0, 1.5)
+    assert (cfg.containers, cfg.gpus, cfg.budget_ms) == (False, True, 0.5)
+
+
+@pytest.mark.parametrize("off", ["none", "off", "NONE"])
+def test_libvirt_uri_none_turns_vms_off_from_the_environment(tmp_path: Path, off: str) -> None:
+    # An empty variable counts as unset, so the environment says "none".
+    assert load_config(_toml(tmp_path, ""), environ={"CLOUDMON_LIBVIRT_URI": off}).libvirt_uri == ""
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "fragment"),
+    [
+        ("CLOUDMON_TOP_N", "-1", "top_n (from $CLOUDMON_TOP_N): must be 0"),
+        ("CLOUDMON_TOP_N", "5MiB", "top_n (from $CLOUDMON_TOP_N): expected a whole number"),
+        (
+            "CLOUDMON_PROCESSES_EVERY",
+            "soon",
+            "processes_every (from $CLOUDMON_PROCESSES_EVERY): expected a number",
+        ),
+        ("CLOUDMON_CONTAINERS", "maybe", "containers (from $CLOUDMON_CONTAINERS): expected true or false"),
+        ("CLOUDMON_GPUS", "2", "gpus (from $CLOUDMON_GPUS): expected true or false"),
+        ("CLOUDMON_BUDGET_MS", "-1", "budget_ms (from $CLOUDMON_BUDGET_MS): must be 0"),
+        (
+            "CLOUDMON_LIBVIRT_URI",
+            "not a uri",
+            "libvirt_uri (from $CLOUDMON_LIBVIRT_URI): must be a libvirt URI",
+        ),
+    ],
+)
+def test_bad_collector_switches_name_the_setting(
+    tmp_path: Path, setting: str, value: str, fragment: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(_toml(tmp_path, ""), environ={setting: value})
+    assert fragment in str(err.value)
+
+
+def test_collector_switches_are_checked_on_direct_construction(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="top_n: must be 0"):
+        AgentConfig(state_dir=tmp_path, top_n=101)
+    with pytest.raises(ConfigError, match="gpus: must be true or false"):
+        AgentConfig(state_dir=tmp_path, gpus="yes")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"containers .*expected a bool"):
+        load_config(_toml(tmp_path, "containers = 1\n"), environ={})

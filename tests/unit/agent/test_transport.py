@@ -1,7 +1,10 @@
-"""HttpTransport against a real HTTP server on a free port."""
+"""HttpTransport against a real HTTP server on a free port (and raw canned answers)."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -123,3 +126,107 @@ def test_base_path_and_credentials_in_url(sink: Sink) -> None:
 def test_bad_url_is_refused() -> None:
     with pytest.raises(ValueError, match="http://HOST:PORT"):
         HttpTransport("ftp://x", None)
+
+
+class _Canned:
+    """A raw TCP server answering each request on a connection with the next canned bytes, then hanging up."""
+
+    def __init__(self, answers: list[bytes]) -> None:
+        self._answers = answers
+        self._srv = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._srv.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self._thread = threading.Thread(target=self._serve, name="canned-http")
+        self._thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self._srv.accept()
+            with conn:
+                for answer in self._answers:
+                    data = b""
+                    while b"\r\n\r\n" not in data:
+                        data += conn.recv(65536)
+                    head, _, body = data.partition(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    while len(body) < length:
+                        body += conn.recv(65536)
+                    self.requests.append(head + b"\r\n\r\n" + body)
+                    conn.sendall(answer)
+
+    def close(self) -> None:
+        self._srv.close()
+        self._thread.join(timeout=10)
+
+
+def test_plain_client_reads_chunked_and_keeps_the_connection() -> None:
+    chunked = b'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{"acc\r\n9\r\nepted": 2\r\n1\r\n}\r\n0\r\n\r\n'
+    canned = _Canned([chunked, b'HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{"accepted": 1}'])
+    t = HttpTransport(canned.url, TOKEN)
+    try:
+        assert t.send(b'{"a": 1}').accepted == 2
+        assert t.send(b'{"b": 2}').accepted == 1
+    finally:
+        t.close()
+        canned.close()
+    assert t.connections_opened == 1
+    first = canned.requests[0]
+    assert first.startswith(b"POST /api/v1/ingest HTTP/1.1\r\n")
+    assert f"Authorization: Bearer {TOKEN}\r\n".encode() in first
+    assert first.endswith(b'\r\n\r\n{"a": 1}')
+
+
+def test_plain_client_honours_connection_close_and_http10() -> None:
+    close = b'HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 15\r\n\r\n{"accepted": 3}'
+    canned = _Canned([close])
+    t = HttpTransport(canned.url, TOKEN)
+    try:
+        assert t.send(b"{}").accepted == 3
+        assert t._conn is None  # closed as the server asked
+    finally:
+        t.close()
+        canned.close()
+    until_eof = _Canned([b'HTTP/1.0 200 OK\r\n\r\n{"accepted": 4}'])
+    t = HttpTransport(until_eof.url, TOKEN)
+    try:
+        # An HTTP/1.0 answer without a length ends with the connection; the server hangs up after it.
+        assert t.send(b"{}").accepted == 4
+    finally:
+        t.close()
+        until_eof.close()
+
+
+@pytest.mark.parametrize(
+    ("answer", "fragment"),
+    [
+        (b"SSH-2.0-OpenSSH_9.2\r\n\r\n", "bad HTTP answer: not an HTTP/1.x status line"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", "bad HTTP answer: bad Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n{}",
+            "bad HTTP answer: connection closed in the response body",
+        ),
+    ],
+)
+def test_plain_client_turns_garbage_into_unreachable(answer: bytes, fragment: str) -> None:
+    canned = _Canned([answer])
+    t = HttpTransport(canned.url, TOKEN)
+    try:
+        with pytest.raises(CollectorUnreachable) as err:
+            t.send(b"{}")
+    finally:
+        t.close()
+        canned.close()
+    assert fragment in err.value.reason
+    assert TOKEN not in str(err.value)
+
+
+def test_https_urls_go_through_the_stdlib_client() -> None:
+    # No TLS server here: a refused connection proves the https path connects and maps errors.
+    port = closed_port()
+    t = HttpTransport(f"https://127.0.0.1:{port}", TOKEN, timeout=2.0)
+    try:
+        with pytest.raises(CollectorUnreachable, match="connection refused"):
+            t.send(b"{}")
+    finally:
+        t.close()
+    assert t.url == f"https://127.0.0.1:{port}"
