@@ -27,6 +27,10 @@ from cloudmon.store.base import (
 
 BACKENDS: Final[dict[str, str]] = {
     "sqlite": "cloudmon.store.embedded:EmbeddedStore",
+    "redis": "cloudmon.store.redis:RedisStore",
+    "rediss": "cloudmon.store.redis:RedisStore",
+    "mongodb": "cloudmon.store.mongodb:MongoStore",
+    "mongodb+srv": "cloudmon.store.mongodb:MongoStore",
 }
 
 __all__ = [

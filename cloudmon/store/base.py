@@ -108,6 +108,28 @@ class TelemetryStore(Protocol):
     ) -> SeriesResult:
         """Aggregates (avg/min/max) per ``step`` over ``[start, end)`` from the best tier."""
 
+    def append_event(self, event: Mapping[str, object]) -> str:
+        """Append one event to the event log (``ts`` defaults to now); returns its id.
+
+        Every decision and action goes here with its reason and result.  A
+        non-JSON-serialisable event or a bad ``ts`` raises ``ValueError``.
+        """
+
+    def events(self, start: float, end: float, limit: int = 1000) -> list[dict[str, object]]:
+        """Events with ``start <= ts < end``, oldest first; the newest ``limit`` if there are more."""
+
+    def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
+        """Store or replace an inventory/configuration document (nodes, groups, rules)."""
+
+    def get_document(self, kind: str, key: str) -> dict[str, object] | None:
+        """The document, or ``None``."""
+
+    def list_documents(self, kind: str) -> dict[str, dict[str, object]]:
+        """Every document of ``kind``, by key."""
+
+    def delete_document(self, kind: str, key: str) -> bool:
+        """Remove a document; ``True`` if it existed."""
+
     def enforce_retention(self, now: float) -> int:
         """Drop what is older than each tier's retention; returns rows removed."""
 

@@ -102,7 +102,8 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
 from pathlib import Path
@@ -122,6 +123,7 @@ from cloudmon.store._codec import (
     encode_block,
     unpack_f64x3,
 )
+from cloudmon.store._remote import check_kind_key, event_ts
 from cloudmon.store.base import (
     DEFAULT_TIERS,
     MetricSeries,
@@ -584,6 +586,16 @@ class EmbeddedStore:
             )
             con.execute(
                 "CREATE TABLE IF NOT EXISTS head_state(grp INTEGER PRIMARY KEY, wm_ms INTEGER NOT NULL)"
+            )
+            # The event log (every decision and action) and configuration documents.
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS events(seq INTEGER PRIMARY KEY AUTOINCREMENT, "
+                "id TEXT NOT NULL UNIQUE, ts_ms INTEGER NOT NULL, body TEXT NOT NULL)"
+            )
+            con.execute("CREATE INDEX IF NOT EXISTS events_ts ON events(ts_ms)")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS documents(kind TEXT NOT NULL, key TEXT NOT NULL, "
+                "body TEXT NOT NULL, PRIMARY KEY(kind, key)) WITHOUT ROWID"
             )
             con.executemany("INSERT OR IGNORE INTO head_state VALUES (?, 0)", [(g,) for g in range(groups)])
             for p in (0, 1):
@@ -1121,6 +1133,69 @@ class EmbeddedStore:
                     except sqlite3.Error as exc:
                         log.warning("error closing a connection to %s: %s", self.path, exc)
         log.info("closed embedded store %s", self.path)
+
+    # -- event log and documents ----------------------------------------------------------------
+
+    def append_event(self, event: Mapping[str, object]) -> str:
+        """Append one event (JSON-serialisable; ``ts`` defaults to now); returns its id."""
+        ts = event_ts(event)
+        eid = uuid.uuid4().hex
+        try:
+            body = json.dumps({**event, "ts": ts, "id": eid}, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"event: must be JSON-serialisable: {exc}") from None
+        with self._wlock:
+            self._check_open()
+            with self._writing("appending an event to"):
+                self._wcon.execute("INSERT INTO events(id, ts_ms, body) VALUES (?,?,?)", (eid, round(ts * 1000), body))
+        return eid
+
+    def events(self, start: float, end: float, limit: int = 1000) -> list[dict[str, object]]:
+        """Events with ``start <= ts < end``, oldest first; the newest ``limit`` if there are more."""
+        lo, hi = _finite("start", start), _finite("end", end)
+        if limit < 1:
+            raise ValueError(f"limit: must be ≥ 1, got {limit!r}")
+        with self._reading("reading events from") as con:
+            rows = con.execute(
+                "SELECT body FROM events WHERE ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms DESC, seq DESC LIMIT ?",
+                (round(lo * 1000), round(hi * 1000), limit),
+            ).fetchall()
+        return [json.loads(r[0]) for r in reversed(rows)]
+
+    def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
+        """Store (or replace) a configuration/inventory document."""
+        check_kind_key(kind, key)
+        try:
+            body = json.dumps(dict(doc), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"document {kind}/{key}: must be JSON-serialisable: {exc}") from None
+        with self._wlock:
+            self._check_open()
+            with self._writing("writing a document to"):
+                self._wcon.execute("INSERT OR REPLACE INTO documents VALUES (?,?,?)", (kind, key, body))
+
+    def get_document(self, kind: str, key: str) -> dict[str, object] | None:
+        """The document, or ``None``."""
+        check_kind_key(kind, key)
+        with self._reading("reading a document from") as con:
+            row = con.execute("SELECT body FROM documents WHERE kind=? AND key=?", (kind, key)).fetchone()
+        return None if row is None else dict(json.loads(row[0]))
+
+    def list_documents(self, kind: str) -> dict[str, dict[str, object]]:
+        """Every document of a kind, by key."""
+        check_kind_key(kind)
+        with self._reading("listing documents of") as con:
+            rows = con.execute("SELECT key, body FROM documents WHERE kind=?", (kind,)).fetchall()
+        return {k: dict(json.loads(b)) for k, b in rows}
+
+    def delete_document(self, kind: str, key: str) -> bool:
+        """Remove a document; ``True`` if it existed."""
+        check_kind_key(kind, key)
+        with self._wlock:
+            self._check_open()
+            with self._writing("deleting a document from"):
+                cur = self._wcon.execute("DELETE FROM documents WHERE kind=? AND key=?", (kind, key))
+        return cur.rowcount > 0
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from cloudmon.store import DEFAULT_TIERS, TelemetryStore, TierSpec, open_store
+from tests.servers import fresh_store_url, mongo_session_server, redis_session_server
 
-BACKENDS = ["sqlite"]
+__all__ = ["mongo_session_server", "redis_session_server"]  # session fixtures fresh_store_url uses
+
+BACKENDS = ["sqlite", "redis", "mongodb"]
 
 MakeStore = Callable[..., TelemetryStore]
 
@@ -30,12 +33,13 @@ def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[MakeS
     """Open stores of the parametrized backend (``make_store(tiers=...)``); every one is closed after."""
     opened: list[TelemetryStore] = []
     backend: str = request.param
+    server_url = "" if backend == "sqlite" else fresh_store_url(request, backend)
 
     def make(tiers: Sequence[TierSpec] = DEFAULT_TIERS) -> TelemetryStore:
         if backend == "sqlite":
             store = open_store(f"sqlite://{tmp_path / 'telemetry.db'}", tiers)
-        else:  # pragma: no cover - no other backend yet
-            raise AssertionError(f"unknown backend {backend}")
+        else:  # redis / mongodb: a key prefix / database of its own on a session-wide private server
+            store = open_store(server_url, tiers)
         opened.append(store)
         return store
 
