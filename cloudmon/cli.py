@@ -48,6 +48,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="bearer token for agents and consoles (or CLOUDMON_TOKEN)")
     p.add_argument("--store", metavar="URL", help="telemetry store URL (default: embedded, in the data dir)")
     p.add_argument("--data-dir", help="directory for the embedded store, token and local agent")
+    p.add_argument(
+        "--queue",
+        metavar="URL",
+        help="shared Redis ingest queue for several collectors (redis://HOST:PORT/DB)",
+    )
     p.add_argument("--node-timeout", type=float, help="seconds of silence before a node is unreachable")
     p.add_argument("--log-level", default=os.environ.get("CLOUDMON_LOG_LEVEL", "INFO"))
     p.add_argument("--print-config", action="store_true", help="print the effective configuration and exit")
@@ -78,6 +83,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         "token": args.token,
         "store": args.store,
         "data_dir": args.data_dir,
+        "queue": args.queue,
         "node_timeout": args.node_timeout,
     }
     if args.listen is not None:

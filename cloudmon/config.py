@@ -54,6 +54,17 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     write_queue_max: int = 50_000
     #: Directory for the embedded store, token and local agent state.
     data_dir: str = ""
+    #: Shared ingest queue (``redis://HOST:PORT/DB``) for several collectors on one
+    #: store; empty (the default) writes straight to the store.  See
+    #: :mod:`cloudmon.collector.queue`.
+    queue: str = ""
+    #: Seconds a queued report may stay unacknowledged by a collector before
+    #: another collector takes it over (that one is presumed dead).
+    queue_claim_timeout: float = 30.0
+    #: Most reports the shared queue may hold unstored (the store is down or slow);
+    #: beyond it agents get 503 and keep reports in their spools.  Size Redis for it
+    #: (about 2 kB per report).
+    queue_max_entries: int = 1_000_000
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -62,6 +73,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("node_timeout must be > 0 seconds")
         if self.max_body_bytes < 1024:
             raise ConfigError("max_body_bytes must be at least 1024")
+        if self.queue and not self.queue.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"queue={self.queue!r} must be a Redis URL (redis://HOST:PORT/DB) or empty")
+        if self.queue_claim_timeout <= 0:
+            raise ConfigError("queue_claim_timeout must be > 0 seconds")
+        if self.queue_max_entries < 1:
+            raise ConfigError("queue_max_entries must be at least 1")
 
     @property
     def data_path(self) -> Path:

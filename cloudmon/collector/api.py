@@ -154,7 +154,7 @@ ROUTES: Final[tuple[Route, ...]] = (
             400: "Malformed JSON, invalid field (named), unsupported schema version or bad batch size",
             413: "Body larger than max_body_bytes",
             415: "Content-Type is not application/json",
-            503: "Write queue full: nothing accepted, retry after Retry-After seconds",
+            503: "Write queue full, or the shared queue (--queue) unavailable or over queue_max_entries: nothing accepted, retry after Retry-After seconds",
         },
     ),
     Route(

@@ -180,6 +180,7 @@ class Collector:
                 self._hub,
                 claim_timeout=config.queue_claim_timeout,
                 max_pending=config.write_queue_max,
+                max_entries=config.queue_max_entries,
                 clock=clock,
             )
         self._readers: ThreadPoolExecutor | None = None

@@ -168,3 +168,18 @@ def test_live_stream_of_one_collector_carries_samples_ingested_by_another(
         assert all(e.event == "nodes" for e in events)
     finally:
         other_store.close()
+
+
+def test_queue_beyond_its_bound_answers_503(
+    start_collector: StartCollector, redis_srv: RedisServer, clock: FakeClock
+) -> None:
+    c = start_collector(queue=redis_srv.url, queue_max_entries=3)
+    t0 = clock.now - 30
+    # Acknowledged entries leave the stream only at the next (approximate) trim:
+    # right after these appends the stream holds 3 entries, the bound.
+    for i in range(3):
+        assert post(c.url, report_json(ts=t0 + i)).status == 200
+    answer = post(c.url, report_json(ts=t0 + 3))
+    assert answer.status == 503
+    assert answer.headers["Retry-After"]
+    assert get(c.url, "/api/v1/status").body["reports_rejected"]["queue_unavailable"] == 1
