@@ -8,8 +8,12 @@ it**, never by accumulating deltas in the collector's memory: a 1 min bucket
 is the aggregate of the raw samples in that minute, a 1 h bucket the merge of
 its 1 min buckets.  Writing a sample marks its bucket *dirty* (in the server,
 next to the sample); once the newest sample seen is ``grace_s`` past the
-bucket's end (or at ``flush()``) a writer *claims* the mark (removes it),
-recomputes the bucket and replaces it, which marks the next coarser bucket.
+bucket's end (or at ``flush()``) a writer *claims* the mark with a lease,
+recomputes the bucket and replaces it, which marks the next coarser bucket, and
+only then removes the mark.  A writer killed in between leaves the claimed mark
+in the server; any writer reclaims it once its lease has expired, so no bucket
+whose samples are stored is left unbuilt.  A sample arriving during the
+recomputation marks its bucket again, and that mark survives the release.
 
 Why: the raw tier is deduplicated by ``(node, ts)`` in the server, so a
 recomputed bucket counts every sample exactly once whatever was replayed, a

@@ -13,20 +13,28 @@ Collections (database from the URL path, ``cloudmon`` by default)
   since dotted field names cannot be queried).  Rollups: ``{ts: bucket start,
   meta, gen, a: {metric: [count, sum, min, max]}}``.  Index ``(meta.node, ts)``
   on each (what every query filters on; MongoDB ≥ 7 creates it by default).
-* ``sample_keys`` (regular): ``_id = "<ts_ms>|<node>"``, TTL index on ``at``
-  (raw retention).  **Dedupe**: a time-series collection cannot have a unique
-  index, so a batch first goes into this collection with an unordered
-  ``insert_many``; only the samples whose key was new (no E11000) are inserted
-  into ``samples_raw``.  If that insert fails the new keys are removed again so
-  a retry is not mistaken for a duplicate; what the failed insert did store is
-  then stored twice, so reads keep one measurement per ``(node, ts)``.
+* ``sample_keys`` (regular): ``_id = "<ts_ms>|<node>"``, ``pending``, TTL
+  index on ``at`` (raw retention).  **Dedupe**: a time-series collection
+  cannot have a unique index, so a batch first goes into this collection with
+  an unordered ``insert_many`` of *pending* keys; the samples whose key was new
+  (no E11000) or is still pending are inserted into ``samples_raw``, and only
+  then are their keys confirmed (``pending: false``).  Only a confirmed key
+  makes a sample a duplicate, so a writer dying (or failing) between the two
+  inserts loses nothing: the replay stores the sample again.  A sample may so
+  be stored twice (a replay racing the first write, or a crash after the raw
+  insert): every read keeps one measurement per ``(node, ts)``.
 * Rollups are **recomputed** from the tier below (see
   :mod:`cloudmon.store._remote`) and written as a new *version* (``gen``, the
   write time in µs) rather than updated: time-series collections are built for
   inserts (updates/deletes of measurements are restricted or slow, and not
   allowed in transactions), and a query keeps the newest version of each
   bucket.  Marks of buckets to recompute: ``rollup_dirty`` (regular, ``_id =
-  "<tier>|<bucket_ms>|<node>"``, ``due``); claimed by deleting them.  Computed
+  "<tier>|<bucket_ms>|<node>"``, ``due``); claimed with a **lease** (``lease``
+  = expiry in wall-clock ms, ``owner`` = a token per claim) and deleted only
+  after the bucket is written, and only if still owned: marking a bucket again
+  removes the claim, so a sample arriving during the recomputation gets its
+  bucket redone.  A claim whose lease expired (its writer died) is taken by
+  any writer.  Computed
   client-side rather than with ``$group``: it is the same code as the Redis
   backend, a bucket is ≈ 60 small documents, and per-metric ``$group`` needs
   ``$objectToArray``/``$unwind`` over every field, costlier on the server.
@@ -51,7 +59,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -110,12 +119,23 @@ class MongoStore:
 
     The constructor does not contact the server; collections and indexes are
     created on first use.  Every call that cannot reach the server raises
-    :class:`StoreUnavailable`.
+    :class:`StoreUnavailable`.  ``grace_s``: how far (in data time) the newest
+    sample must be past a rollup bucket's end before it is recomputed.
+    ``lease_s``: how long (wall clock, read from ``clock``) a writer holds the
+    rollup marks it claimed; a dead writer's marks are reclaimed after it.
     """
 
     tiers: Sequence[TierSpec]
 
-    def __init__(self, url: str, tiers: Sequence[TierSpec] = DEFAULT_TIERS, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        tiers: Sequence[TierSpec] = DEFAULT_TIERS,
+        *,
+        grace_s: float = 10.0,
+        lease_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         import pymongo  # optional dependency: imported only when this backend is used
         from pymongo import errors
 
@@ -127,6 +147,10 @@ class MongoStore:
         self.tiers = tuple(tiers)
         self._raw, self._rollups = plan_tiers(self.tiers)
         self._grace_ms = int(finite("grace_s", grace_s) * 1000)
+        self._lease_ms = int(finite("lease_s", lease_s) * 1000)
+        if self._lease_ms <= 0:
+            raise ValueError(f"lease_s: must be > 0 seconds, got {lease_s!r}")
+        self._clock = clock
         self._pymongo = pymongo
         self._errors = errors
         try:
@@ -144,7 +168,6 @@ class MongoStore:
         self._schema_ready = False
         self._closed = False
         self._newest_ms = 0
-        self._pending: list[tuple[int, int, str]] = []  # claimed marks to put back once the server answers
         self._known_names: dict[str, set[str]] = {}
         self._delete_warned = False
         self._gen = 0
@@ -204,6 +227,7 @@ class MongoStore:
             keys = db["sample_keys"]
             keys.create_index("at", expireAfterSeconds=self._raw.retention_s)
             db["rollup_dirty"].create_index("due")
+            db["rollup_dirty"].create_index("lease", sparse=True)
             db["events"].create_index("ts")
             db["documents"].create_index("kind")
             self._schema_ready = True
@@ -211,8 +235,12 @@ class MongoStore:
     def _dirty(self, t: int, bucket_ms: int, node: str) -> Any:
         res_ms = self._rollups[t].resolution_s * 1000
         due = bucket_ms + res_ms + self._grace_ms
+        # Marking drops any claim: the claimer then does not delete the mark when it is done,
+        # so the bucket is recomputed again with the sample that marked it.
         return self._pymongo.UpdateOne(
-            {"_id": f"{t}|{bucket_ms}|{node}"}, {"$set": {"due": due}}, upsert=True
+            {"_id": f"{t}|{bucket_ms}|{node}"},
+            {"$set": {"due": due}, "$unset": {"lease": "", "owner": ""}},
+            upsert=True,
         )
 
     def _next_gen(self) -> int:
@@ -239,15 +267,26 @@ class MongoStore:
             keys = [f"{ts_ms}|{node}" for node, ts_ms, _ in prepared]
             fresh = [True] * len(prepared)
             try:
-                db["sample_keys"].insert_many([{"_id": k, "at": now} for k in keys], ordered=False)
+                db["sample_keys"].insert_many(
+                    [{"_id": k, "at": now, "pending": True} for k in keys], ordered=False
+                )
             except self._errors.BulkWriteError as exc:
+                dup: dict[str, int] = {}
                 for err in exc.details.get("writeErrors", []):
                     if err.get("code") != _DUPLICATE:
                         raise
-                    fresh[err["index"]] = False
+                    dup[keys[err["index"]]] = err["index"]
+                # Only a confirmed key is a duplicate: a pending one may belong to a writer that
+                # died before storing its sample (storing it twice is harmless, reads dedupe).
+                confirmed = db["sample_keys"].find(
+                    {"_id": {"$in": list(dup)}, "pending": {"$ne": True}}, {"_id": 1}
+                )
+                for d in confirmed:
+                    fresh[dup[d["_id"]]] = False
             accepted = [p for p, f in zip(prepared, fresh, strict=True) if f]
             if not accepted:
                 return
+            accepted_keys = [k for k, f in zip(keys, fresh, strict=True) if f]
             docs = [
                 {
                     "ts": _date(ts_ms),
@@ -256,18 +295,9 @@ class MongoStore:
                 }
                 for node, ts_ms, values in accepted
             ]
-            try:
-                self._coll(self._raw).insert_many(docs, ordered=False)
-            except BaseException:
-                # Forget the keys so that a retry of this batch is not taken for a duplicate.  Part
-                # of the batch may have been stored: the retry stores it again, and every read
-                # (queries and rollup recomputation) keeps one measurement per (node, ts).
-                try:
-                    new_keys = [k for k, f in zip(keys, fresh, strict=True) if f]
-                    db["sample_keys"].delete_many({"_id": {"$in": new_keys}})
-                except self._errors.PyMongoError as exc:
-                    log.warning("could not forget the keys of a failed batch: %s", exc)
-                raise
+            # If this insert fails (or the process dies) the keys stay pending, so a retry of the
+            # batch stores it (again, for what did get stored: reads keep one per (node, ts)).
+            self._insert_raw(docs)
             ops: list[Any] = []
             marks: set[tuple[int, str]] = set()
             newest: dict[str, tuple[int, dict[str, float]]] = {}
@@ -315,24 +345,38 @@ class MongoStore:
                 )
                 for n, s in names.items():
                     self._known_names.setdefault(n, set()).update(s)
+            # Confirmed last: until then a replay of the batch is stored (and marked) again.
+            db["sample_keys"].update_many({"_id": {"$in": accepted_keys}}, {"$set": {"pending": False}})
             self._newest_ms = max(self._newest_ms, prepared[-1][1])
             self._recompute(self._newest_ms, _DIRTY_BATCH)
 
+    def _insert_raw(self, docs: list[dict[str, Any]]) -> None:
+        """Insert raw measurements (a seam of its own so that tests can inject a crash here)."""
+        self._coll(self._raw).insert_many(docs, ordered=False)
+
     def _recompute(self, upto_ms: float, limit: int | None) -> int:
+        """Recompute due rollup buckets (and those whose claim's lease expired); returns how many."""
         if not self._rollups:
             return 0
         dirty = self._db["rollup_dirty"]
         done = 0
-        if self._pending:
-            dirty.bulk_write([self._dirty(t, b, n) for t, b, n in self._pending], ordered=False)
-            self._pending = []
         for _ in range(len(self._rollups) + 1 if limit else 1000):
-            query = {} if upto_ms == float("inf") else {"due": {"$lte": upto_ms}}
+            now_ms = int(self._clock() * 1000)
+            unclaimed: dict[str, Any] = {"lease": {"$exists": False}}
+            if upto_ms != float("inf"):
+                unclaimed["due"] = {"$lte": upto_ms}
+            query = {"$or": [unclaimed, {"lease": {"$lte": now_ms}}]}
             ids = [d["_id"] for d in dirty.find(query, {"_id": 1}).limit(limit or 10_000)]
             if not ids:
                 break
-            # Claim by deleting the marks first: a sample written meanwhile marks its bucket again.
-            dirty.delete_many({"_id": {"$in": ids}})
+            # Claim with a lease (each document atomically; the filter repeats the query so two
+            # writers cannot both win one), then read back which ones are ours.
+            owner = uuid.uuid4().hex
+            lease = now_ms + self._lease_ms
+            dirty.update_many({"_id": {"$in": ids}, **query}, {"$set": {"lease": lease, "owner": owner}})
+            ids = [d["_id"] for d in dirty.find({"owner": owner}, {"_id": 1})]
+            if not ids:
+                continue
             jobs = sorted(
                 ((int(t), int(b), node) for t, b, node in (i.split("|", 2) for i in ids)), key=lambda j: j[0]
             )
@@ -341,13 +385,16 @@ class MongoStore:
                     self._marked.pop((b, node), None)  # a new sample of this bucket must mark it again
             try:
                 self._recompute_jobs(jobs)
-            except BaseException:
-                # Put the marks back; if the server is gone keep them until it answers again.
+            except Exception:
+                # Give the claims back now; if the server is gone they are reclaimed when the
+                # lease expires (a writer killed here leaves them the same way).
                 try:
-                    dirty.bulk_write([self._dirty(t, b, n) for t, b, n in jobs], ordered=False)
+                    dirty.update_many({"owner": owner}, {"$unset": {"lease": "", "owner": ""}})
                 except self._errors.PyMongoError:
-                    self._pending.extend(jobs)
+                    log.debug("could not give back %d rollup marks; their lease will expire", len(jobs))
                 raise
+            # Done: delete the marks still ours (one marked again meanwhile lost its owner: redone).
+            dirty.delete_many({"owner": owner})
             done += len(jobs)
             if limit:
                 limit -= len(jobs)

@@ -25,6 +25,20 @@ Key layout (prefix ``cloudmon:`` by default; ``?prefix=other:`` in the URL chang
   ``<tier index>|<bucket_ms>|<node>``): buckets to recompute.  It is marked in
   the same MULTI/EXEC as the XADDs, so no accepted sample is ever without its
   mark.  See :mod:`cloudmon.store._remote` for the recomputation scheme.
+* ``claimed`` sorted set (score = lease expiry in wall-clock ms, member as in
+  ``dirty``): marks a writer is recomputing.  One Lua call moves due marks (and
+  marks whose lease expired: their writer died) from ``dirty`` to ``claimed``;
+  the mark is removed from ``claimed`` in the same MULTI/EXEC that writes the
+  bucket, and only if the lease is still the writer's.  A writer killed between
+  claim and write therefore leaves the mark in ``claimed``, and any writer
+  reclaims it once the lease (``lease_s``) has expired.
+* ``claimed_by`` hash (member -> writer token), ``claims:<token>`` set per
+  writer, ``claim_owners`` set of tokens: who holds which claim.  Each writer
+  keeps one connection named ``cloudmon-w-<token>`` open while it lives; the
+  kernel closes it when the process dies (SIGKILL included), so a writer that
+  finds a claim owner without its connection in ``CLIENT LIST`` expires that
+  owner's claims at once instead of waiting for the lease (where ACLs forbid
+  ``CLIENT LIST``, the lease alone applies).
 * ``latest`` hash (node -> JSON ``{"node_id", "ts", "values"}``) and
   ``latest_ts`` hash (node -> ts_ms): updated by a Lua script only when the
   sample is newer, which also ``PUBLISH``-es the JSON on the ``cloudmon:live``
@@ -45,8 +59,9 @@ import json
 import logging
 import struct
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -148,6 +163,91 @@ _ZCAT_LUA = """
 return table.concat(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], ARGV[2]))
 """
 
+# Claim rollup marks with a lease.  KEYS: dirty, claimed, claimed_by, claim_owners.  ARGV: due by
+# (score), limit, now_ms, lease expiry ms, owner token, claims-set key prefix.  Takes marks due in
+# dirty and marks in claimed whose lease expired (their writer died or hung), puts them in
+# claimed scored by the new expiry and owned by the token, returns the members.
+_CLAIM_LUA = """
+local limit = tonumber(ARGV[2])
+local out = {}
+local seen = {}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[3], 'LIMIT', 0, limit)
+for _, m in ipairs(expired) do
+  seen[m] = true
+  out[#out + 1] = m
+end
+if #out < limit then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, limit - #out)
+  for _, m in ipairs(due) do
+    if not seen[m] then out[#out + 1] = m end
+  end
+end
+for _, m in ipairs(out) do
+  local old = redis.call('HGET', KEYS[3], m)
+  if old and old ~= ARGV[5] then redis.call('SREM', ARGV[6] .. old, m) end
+  redis.call('ZREM', KEYS[1], m)
+  redis.call('ZADD', KEYS[2], ARGV[4], m)
+  redis.call('HSET', KEYS[3], m, ARGV[5])
+  redis.call('SADD', ARGV[6] .. ARGV[5], m)
+end
+if #out > 0 then redis.call('SADD', KEYS[4], ARGV[5]) end
+return out
+"""
+
+# Release claimed marks whose lease is still ours (a writer whose lease expired and was taken
+# over must not drop the new owner's claim).  KEYS: claimed, claimed_by, claim_owners.
+# ARGV: lease expiry ms, owner token, claims-set key prefix, members.
+_RELEASE_LUA = """
+local mine = ARGV[3] .. ARGV[2]
+local n = 0
+for i = 4, #ARGV do
+  local m = ARGV[i]
+  local cur = redis.call('ZSCORE', KEYS[1], m)
+  if cur and tonumber(cur) == tonumber(ARGV[1]) and redis.call('HGET', KEYS[2], m) == ARGV[2] then
+    redis.call('ZREM', KEYS[1], m)
+    redis.call('HDEL', KEYS[2], m)
+    n = n + 1
+  end
+  redis.call('SREM', mine, m)
+end
+if redis.call('SCARD', mine) == 0 then redis.call('SREM', KEYS[3], ARGV[2]) end
+return n
+"""
+
+# Give claimed marks back after a failed recomputation (the writer is alive: no need to wait
+# for the lease).  KEYS: dirty, claimed, claimed_by.  ARGV: lease expiry ms, owner token, then
+# (member, due) pairs.
+_UNCLAIM_LUA = """
+for i = 3, #ARGV, 2 do
+  local m = ARGV[i]
+  local cur = redis.call('ZSCORE', KEYS[2], m)
+  if cur and tonumber(cur) == tonumber(ARGV[1]) and redis.call('HGET', KEYS[3], m) == ARGV[2] then
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('HDEL', KEYS[3], m)
+    redis.call('ZADD', KEYS[1], ARGV[i + 1], m)
+  end
+end
+return 1
+"""
+
+# Expire every claim of writers that are gone.  KEYS: claimed, claimed_by, claim_owners.
+# ARGV: claims-set key prefix, dead tokens.
+_REAP_LUA = """
+local n = 0
+for i = 2, #ARGV do
+  local key = ARGV[1] .. ARGV[i]
+  for _, m in ipairs(redis.call('SMEMBERS', key)) do
+    if redis.call('HGET', KEYS[2], m) == ARGV[i] and redis.call('ZSCORE', KEYS[1], m) then
+      redis.call('ZADD', KEYS[1], 0, m)
+      n = n + 1
+    end
+  end
+  redis.call('DEL', key)
+  redis.call('SREM', KEYS[3], ARGV[i])
+end
+return n
+"""
+
 # KEYS: inv_last.  ARGV: (node, last_seen) pairs; keeps the maximum.
 _LAST_LUA = """
 for i = 1, #ARGV, 2 do
@@ -183,12 +283,22 @@ class RedisStore:
     Redis is down); every call that cannot reach it raises
     :class:`StoreUnavailable`, and the next call after the server is back works.
     ``grace_s``: how far (in data time) the newest sample must be past a
-    rollup bucket's end before the bucket is recomputed.
+    rollup bucket's end before the bucket is recomputed.  ``lease_s``: how long
+    (wall clock, read from ``clock``) a writer holds the rollup marks it claimed;
+    marks of a writer that died are recomputed by any writer once it expires.
     """
 
     tiers: Sequence[TierSpec]
 
-    def __init__(self, url: str, tiers: Sequence[TierSpec] = DEFAULT_TIERS, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        tiers: Sequence[TierSpec] = DEFAULT_TIERS,
+        *,
+        grace_s: float = 10.0,
+        lease_s: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         import redis  # optional dependency: imported only when this backend is used
 
         self.url = url
@@ -196,6 +306,10 @@ class RedisStore:
         self.tiers = tuple(tiers)
         self._raw, self._rollups = plan_tiers(self.tiers)
         self._grace_ms = int(finite("grace_s", grace_s) * 1000)
+        self._lease_ms = int(finite("lease_s", lease_s) * 1000)
+        if self._lease_ms <= 0:
+            raise ValueError(f"lease_s: must be > 0 seconds, got {lease_s!r}")
+        self._clock = clock
         client_url, self._p = _split_url(url)
         self._redis_errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
         self._redis_error = redis.exceptions.RedisError
@@ -214,13 +328,20 @@ class RedisStore:
         self._late_script = self._r.register_script(_LATE_LUA)
         self._last_script = self._r.register_script(_LAST_LUA)
         self._bucket_script = self._r.register_script(_BUCKET_LUA)
+        self._claim_script = self._r.register_script(_CLAIM_LUA)
+        self._release_script = self._r.register_script(_RELEASE_LUA)
+        self._unclaim_script = self._r.register_script(_UNCLAIM_LUA)
+        self._reap_script = self._r.register_script(_REAP_LUA)
+        self._token = uuid.uuid4().hex
+        self._presence: Any = None  # the connection that shows this writer is alive (see module doc)
+        self._presence_checked = 0.0
+        self._next_reap = 0.0
         self._xcat = self._r.register_script(_XCAT_LUA)
         self._zcat = self._r.register_script(_ZCAT_LUA)
         self._cap = max(1000, 4 * self._raw.retention_s)
         self._lock = threading.RLock()
         self._closed = False
         self._newest_ms = 0
-        self._pending: dict[str, int] = {}  # claimed rollup marks to put back once Redis answers
         self._known_names: dict[str, set[str]] = {}
 
     def __repr__(self) -> str:
@@ -328,41 +449,100 @@ class RedisStore:
             self._newest_ms = max(self._newest_ms, prepared[-1][1])
             self._recompute(self._newest_ms, _DIRTY_BATCH)
 
+    def _ensure_presence(self, now: float) -> None:
+        """Keep this writer's named connection open (checked at most once a second)."""
+        conn = self._presence
+        if conn is not None and now - self._presence_checked < 1.0:
+            return
+        pool = self._r.connection_pool
+        if conn is not None:
+            try:
+                conn.send_command("PING")
+                conn.read_response()
+            except self._redis_error:
+                self._drop_presence()  # Redis restarted or the link broke: open a new one
+            else:
+                self._presence_checked = now
+                return
+        conn = pool.get_connection()
+        try:
+            conn.send_command("CLIENT", "SETNAME", f"cloudmon-w-{self._token}")
+            conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            pool.release(conn)
+            raise
+        self._presence = conn
+        self._presence_checked = now
+
+    def _drop_presence(self) -> None:
+        conn, self._presence = self._presence, None
+        if conn is not None:
+            conn.disconnect()
+            self._r.connection_pool.release(conn)
+
+    def _reap_dead(self, now: float, force: bool) -> None:
+        """Expire the claims of writers whose named connection is gone (they died)."""
+        if not force and now < self._next_reap:
+            return
+        self._next_reap = now + 1.0
+        owners = {o.decode() for o in self._r.smembers(self._k("claim_owners"))} - {self._token}
+        if not owners:
+            return
+        try:
+            alive = {str(c.get("name", "")) for c in self._r.client_list()}
+        except self._response_error as exc:  # CLIENT LIST not allowed (ACL): leases alone apply
+            log.debug("cannot list Redis clients (%s); dead writers' claims wait for their lease", exc)
+            return
+        dead = sorted(o for o in owners if f"cloudmon-w-{o}" not in alive)
+        if dead:
+            n = self._reap_script(
+                keys=[self._k("claimed"), self._k("claimed_by"), self._k("claim_owners")],
+                args=[self._k("claims", ""), *dead],
+            )
+            log.info("took over %d rollup claims of %d collector(s) that are gone", n, len(dead))
+
     def _recompute(self, upto_ms: float, limit: int | None) -> int:
-        """Recompute due rollup buckets (marks due by ``upto_ms``); returns how many."""
+        """Recompute due rollup buckets (marks due by ``upto_ms``, and marks whose lease expired);
+        returns how many."""
         if not self._rollups:
             return 0
-        r = self._r
         done = 0
-        if self._pending:
-            r.zadd(self._k("dirty"), self._pending)
-            self._pending = {}
+        upto = "+inf" if upto_ms == float("inf") else int(upto_ms)
+        now = self._clock()
+        self._ensure_presence(now)
+        self._reap_dead(now, force=limit is None)
+        claim_keys = [self._k("dirty"), self._k("claimed"), self._k("claimed_by"), self._k("claim_owners")]
         for _ in range(len(self._rollups) + 1 if limit else 1000):
-            members: list[bytes] = r.zrangebyscore(
-                self._k("dirty"), "-inf", upto_ms, start=0, num=limit or 10_000
+            now_ms = int(self._clock() * 1000)
+            lease = now_ms + self._lease_ms
+            # Claim with a lease in one call: the mark moves to ``claimed`` and leaves it only
+            # in the MULTI that writes the bucket, so a writer killed in between loses nothing.
+            # A sample arriving meanwhile marks ``dirty`` again, so its bucket is redone.
+            members: list[bytes] = self._claim_script(
+                keys=claim_keys,
+                args=[upto, limit or 10_000, now_ms, lease, self._token, self._k("claims", "")],
             )
             if not members:
                 break
-            # Claim: ZREM before reading, so a sample arriving meanwhile marks the bucket again.
-            claim = r.pipeline(transaction=False)
-            for m in members:
-                claim.zrem(self._k("dirty"), m)
-            claimed = [m.decode() for m, ok in zip(members, claim.execute(), strict=True) if ok]
             jobs = sorted(
-                ((int(t), int(b), node) for t, b, node in (m.split("|", 2) for m in claimed)),
+                ((int(t), int(b), node) for t, b, node in (m.decode().split("|", 2) for m in members)),
                 key=lambda j: j[0],
             )
             try:
-                self._recompute_jobs(jobs)
-            except BaseException:
-                # Put the marks back so another writer (or the next call) redoes them; if Redis
-                # is gone, keep them here until it is back (they are idempotent).
-                back = {f"{t}|{b}|{n}": self._dirty_member(t, b, n)[0] for t, b, n in jobs}
+                self._recompute_jobs(jobs, lease)
+            except Exception:
+                # Give the marks back now so another writer (or the next call) redoes them; if
+                # Redis is gone, they stay claimed and are reclaimed when the lease expires.
+                args: list[str | int] = [lease, self._token]
+                for t, b, n in jobs:
+                    args += [f"{t}|{b}|{n}", self._dirty_member(t, b, n)[0]]
                 try:
-                    if back:
-                        r.zadd(self._k("dirty"), back)
+                    self._unclaim_script(
+                        keys=[self._k("dirty"), self._k("claimed"), self._k("claimed_by")], args=args
+                    )
                 except self._redis_error:
-                    self._pending.update(back)
+                    log.debug("could not give back %d rollup marks; their lease will expire", len(jobs))
                 raise
             done += len(jobs)
             if limit:
@@ -371,7 +551,8 @@ class RedisStore:
                     break
         return done
 
-    def _recompute_jobs(self, jobs: list[tuple[int, int, str]]) -> None:
+    def _recompute_jobs(self, jobs: list[tuple[int, int, str]], lease: int) -> None:
+        """Recompute the claimed buckets ``jobs`` and release their marks (held until ``lease``)."""
         r = self._r
         horizons = self._horizons()
         # A bucket whose source was already trimmed (enforce_retention is the only thing that
@@ -424,6 +605,15 @@ class RedisStore:
                 res = self._rollups[t + 1].resolution_s * 1000
                 due, member = self._dirty_member(t + 1, b - b % res, node)
                 write.zadd(self._k("dirty"), {member: due})
+        # Released in the same MULTI as the buckets: a mark leaves ``claimed`` only with its
+        # bucket written (skipped buckets too: their source is gone, nothing to redo).
+        release: list[str | int] = [lease, self._token, self._k("claims", "")]
+        release += [f"{t}|{b}|{n}" for t, b, n in jobs]
+        self._release_script(
+            keys=[self._k("claimed"), self._k("claimed_by"), self._k("claim_owners")],
+            args=release,
+            client=write,
+        )
         write.execute()
 
     def upsert_nodes(self, nodes: Sequence[NodeRecord]) -> None:
@@ -508,6 +698,7 @@ class RedisStore:
             except StoreError as exc:
                 log.warning("could not flush %s on close (its marks stay in Redis): %s", self._shown, exc)
             self._closed = True
+            self._drop_presence()
             self._r.close()
         log.info("closed Redis store %s", self._shown)
 

@@ -202,3 +202,111 @@ def test_genuine_mongodb_round_trip(hour: float) -> None:
         st.close()
         client.drop_database(name)
         client.close()
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL inside write_samples: nothing in the store may catch it and clean up."""
+
+
+def test_a_writer_killed_between_keys_and_samples_loses_nothing_on_replay(
+    server: MongoServer, db_name: str, db: Any, hour: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = _with_db(server.url, db_name)
+    crashed, survivor = MongoStore(url), MongoStore(url)
+
+    def killed(docs: list[dict[str, Any]]) -> None:
+        raise _Killed
+
+    try:
+        batch = minute("n", hour)
+        # Fault injection: the keys of the batch are in, its samples are not.
+        monkeypatch.setattr(crashed, "_insert_raw", killed)
+        with pytest.raises(_Killed):
+            crashed.write_samples(batch)
+        monkeypatch.undo()
+        assert db.sample_keys.count_documents({}) == 60
+        assert db.samples_raw.count_documents({}) == 0
+        survivor.write_samples(batch)  # the collector's queue replays the claimed entry
+        survivor.write_samples(batch)  # a second replay: now a plain duplicate
+        survivor.flush()
+        assert db.samples_raw.count_documents({"meta.node": "n"}) == 60
+        assert db.sample_keys.count_documents({"pending": False}) == 60
+        raw = survivor.series("n", ["cpu.percent"], hour, hour + 60, 1).metrics["cpu.percent"]
+        assert raw.avg == [float(i) for i in range(60)]
+        res = survivor.series("n", ["cpu.percent"], hour, hour + 60, 60)
+        assert res.tier == "1m"
+        assert res.metrics["cpu.percent"].avg == pytest.approx([29.5])
+    finally:
+        monkeypatch.undo()
+        crashed.close()
+        survivor.close()
+
+
+def test_a_writer_killed_between_claim_and_write_leaves_its_buckets_to_the_others(
+    server: MongoServer, db_name: str, db: Any, hour: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = _with_db(server.url, db_name)
+    now = [time.time()]
+    crashed = MongoStore(url, lease_s=30, clock=lambda: now[0])
+    survivor = MongoStore(url, lease_s=30, clock=lambda: now[0])
+
+    def killed(jobs: list[tuple[int, int, str]]) -> None:
+        raise _Killed
+
+    try:
+        # Fault injection: the writer dies after claiming bucket 0's mark, before writing it.
+        monkeypatch.setattr(crashed, "_recompute_jobs", killed)
+        with pytest.raises(_Killed):
+            crashed.write_samples(minute("n", hour, 60) + minute("n", hour + 60, 16))
+        monkeypatch.undo()
+        survivor.write_samples(minute("n", hour + 60, 60) + minute("n", hour + 120, 20))
+        survivor.flush()
+        res = survivor.series("n", ["cpu.percent"], hour, hour + 120, 60)
+        assert res.tier == "1m"
+        # While the dead writer's lease runs, its bucket is not built (a live writer may be on it).
+        assert res.metrics["cpu.percent"].avg == [None, 29.5]
+        now[0] += 31
+        fresh = MongoStore(url, lease_s=30, clock=lambda: now[0])
+        try:
+            fresh.flush()  # any writer reclaims marks whose lease expired
+        finally:
+            fresh.close()
+        got = survivor.series("n", ["cpu.percent"], hour, hour + 120, 60).metrics["cpu.percent"]
+        assert got.avg == [29.5, 29.5]
+        assert got.max == [59.0, 59.0]
+        hourly = survivor.series("n", ["cpu.percent"], hour, hour + 3600, 3600)
+        assert hourly.tier == "1h"
+        assert hourly.metrics["cpu.percent"].avg == pytest.approx([(29.5 * 120 + 9.5 * 20) / 140])
+        assert db.rollup_dirty.count_documents({}) == 0
+    finally:
+        monkeypatch.undo()
+        crashed.close()
+        survivor.close()
+
+
+def test_a_bucket_marked_again_during_its_recomputation_is_redone(
+    store: MongoStore, db: Any, hour: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = store._recompute_jobs
+    # Another collector that only writes (its own rollup step switched off, so that the redo can
+    # only come from the mark it leaves).
+    other = MongoStore(store.url)
+    monkeypatch.setattr(other, "_recompute", lambda upto_ms, limit: 0)
+
+    def then_a_late_sample(jobs: list[tuple[int, int, str]]) -> None:
+        real(jobs)
+        # The bucket is written; before its mark is released, a late sample of it arrives.
+        other.write_samples([Sample("n", hour + 59.5, {"cpu.percent": 1000.0})])
+
+    try:
+        store.write_samples(minute("n", hour, 59))
+        monkeypatch.setattr(store, "_recompute_jobs", then_a_late_sample)
+        store.write_samples(minute("n", hour + 60, 16))
+        monkeypatch.undo()
+        store.flush()
+        got = store.series("n", ["cpu.percent"], hour, hour + 60, 60).metrics["cpu.percent"]
+        assert got.max == [1000.0]
+        assert got.avg == pytest.approx([(sum(range(59)) + 1000.0) / 60])
+    finally:
+        monkeypatch.undo()
+        other.close()

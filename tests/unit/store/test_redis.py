@@ -4,6 +4,8 @@ retention trimming, live updates and an outage with recovery on the same port.""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +17,8 @@ import redis
 from cloudmon.store import Sample, StoreUnavailable, open_store
 from cloudmon.store.redis import LIVE_CHANNEL, RedisStore
 from tests.servers import RedisServer, free_port, pid_alive, port_open, wait_for
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def minute(node: str, start: float, n: int = 60, offset: float = 0.0) -> list[Sample]:
@@ -236,3 +240,110 @@ def test_the_test_server_restarts_on_its_port_and_stops_by_pid(tmp_path: Path) -
     assert last is not None
     assert not pid_alive(last)
     assert not port_open(srv.port)
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL inside write_samples: nothing in the store may catch it and clean up."""
+
+
+def test_a_writer_killed_between_claim_and_write_leaves_its_buckets_to_the_others(
+    server: RedisServer, hour: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [time.time()]
+    crashed = RedisStore(server.url, lease_s=30, clock=lambda: now[0])
+    survivor = RedisStore(server.url, lease_s=30, clock=lambda: now[0])
+
+    def killed(jobs: list[tuple[int, int, str]], lease: int) -> None:
+        raise _Killed
+
+    try:
+        # Fault injection: the writer dies after claiming bucket 0's mark, before writing it.
+        monkeypatch.setattr(crashed, "_recompute_jobs", killed)
+        with pytest.raises(_Killed):
+            crashed.write_samples(minute("n", hour, 60) + minute("n", hour + 60, 16))
+        monkeypatch.undo()
+        survivor.write_samples(minute("n", hour + 60, 60) + minute("n", hour + 120, 20))
+        survivor.flush()
+        res = survivor.series("n", ["cpu.percent"], hour, hour + 120, 60)
+        assert res.tier == "1m"
+        # While the dead writer's lease runs, its bucket is not built (a live writer may be on it).
+        assert res.metrics["cpu.percent"].avg == [None, 29.5]
+        now[0] += 31
+        # Any writer (a fresh one here) reclaims marks whose lease expired.
+        fresh = RedisStore(server.url, lease_s=30, clock=lambda: now[0])
+        try:
+            fresh.flush()
+        finally:
+            fresh.close()
+        got = survivor.series("n", ["cpu.percent"], hour, hour + 120, 60).metrics["cpu.percent"]
+        assert got.avg == [29.5, 29.5]
+        assert got.max == [59.0, 59.0]
+        hourly = survivor.series("n", ["cpu.percent"], hour, hour + 3600, 3600)
+        assert hourly.tier == "1h"
+        assert hourly.metrics["cpu.percent"].max == [59.0]
+        assert hourly.metrics["cpu.percent"].avg == pytest.approx([(29.5 * 120 + 9.5 * 20) / 140])
+    finally:
+        monkeypatch.undo()
+        crashed.close()
+        survivor.close()
+
+
+def test_a_failed_recomputation_gives_its_marks_back_at_once(
+    server: RedisServer, hour: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = RedisStore(server.url, lease_s=3600)
+
+    def broken(jobs: list[tuple[int, int, str]], lease: int) -> None:
+        raise RuntimeError("injected")
+
+    try:
+        monkeypatch.setattr(st, "_recompute_jobs", broken)
+        with pytest.raises(RuntimeError):
+            st.write_samples(minute("n", hour, 60) + minute("n", hour + 60, 16))
+        monkeypatch.undo()
+        st.flush()  # no lease to wait for: the live writer gave the mark back
+        got = st.series("n", ["cpu.percent"], hour, hour + 120, 60).metrics["cpu.percent"]
+        assert got.avg == pytest.approx([29.5, 7.5])
+    finally:
+        monkeypatch.undo()
+        st.close()
+
+
+# A writer process that dies (no cleanup, no finally: as under SIGKILL) after claiming the
+# marks of the minute it completes, before writing that minute's rollup.
+_DIE_IN_RECOMPUTE = """
+import os, sys
+from cloudmon.store import Sample
+from cloudmon.store.redis import RedisStore
+
+def die(self, jobs, lease):
+    os._exit(9)
+
+RedisStore._recompute_jobs = die
+st = RedisStore(sys.argv[1])
+t0 = float(sys.argv[2])
+st.write_samples([Sample("n", t0 + i, {"cpu.percent": float(i % 60), "mem.used": 1000.0 + i % 60}) for i in range(76)])
+"""
+
+
+def test_the_claims_of_a_dead_writer_process_are_taken_over_at_once(
+    server: RedisServer, client: Any, hour: float
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIE_IN_RECOMPUTE, server.url, str(hour)], cwd=ROOT, timeout=60
+    )
+    assert proc.returncode == 9
+    assert client.zcard("cloudmon:claimed") == 1  # its claim is still there, lease running
+    wait_for(
+        lambda: not any(str(c["name"]).startswith("cloudmon-w-") for c in client.client_list()),
+        10,
+        "Redis to notice the dead writer's connection closed",
+    )
+    st = RedisStore(server.url)  # the default lease (60 s) is far from expired
+    try:
+        st.write_samples(minute("n", hour + 60, 60) + minute("n", hour + 120, 20))
+        got = st.series("n", ["cpu.percent"], hour, hour + 120, 60).metrics["cpu.percent"]
+        assert got.avg == [29.5, 29.5]
+        assert client.zcard("cloudmon:claimed") == 0
+    finally:
+        st.close()
