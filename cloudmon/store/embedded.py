@@ -102,7 +102,6 @@ import struct
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from operator import itemgetter
@@ -123,7 +122,7 @@ from cloudmon.store._codec import (
     encode_block,
     unpack_f64x3,
 )
-from cloudmon.store._remote import check_kind_key, event_ts
+from cloudmon.store._common import check_kind_key, check_query, encode_document, encode_event
 from cloudmon.store.base import (
     DEFAULT_TIERS,
     MetricSeries,
@@ -1138,12 +1137,7 @@ class EmbeddedStore:
 
     def append_event(self, event: Mapping[str, object]) -> str:
         """Append one event (JSON-serialisable; ``ts`` defaults to now); returns its id."""
-        ts = event_ts(event)
-        eid = uuid.uuid4().hex
-        try:
-            body = json.dumps({**event, "ts": ts, "id": eid}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"event: must be JSON-serialisable: {exc}") from None
+        eid, ts, body = encode_event(event)
         with self._wlock:
             self._check_open()
             with self._writing("appending an event to"):
@@ -1164,11 +1158,7 @@ class EmbeddedStore:
 
     def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
         """Store (or replace) a configuration/inventory document."""
-        check_kind_key(kind, key)
-        try:
-            body = json.dumps(dict(doc), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"document {kind}/{key}: must be JSON-serialisable: {exc}") from None
+        body = encode_document(kind, key, doc)
         with self._wlock:
             self._check_open()
             with self._writing("writing a document to"):
@@ -1325,26 +1315,9 @@ class EmbeddedStore:
         Unknown nodes or metrics give lists of ``None``.  Raises ``ValueError``
         naming the parameter for a bad range/step or more than 100,000 points.
         """
-        start_s, end_s, step_s = _finite("start", start), _finite("end", end), _finite("step", step)
-        if step_s <= 0:
-            raise ValueError(f"step: must be > 0 seconds, got {step!r}")
-        step_ms = round(step_s * 1000)
-        if step_ms < 1:
-            raise ValueError(f"step: must be at least 0.001 s, got {step!r}")
-        if end_s <= start_s:
-            raise ValueError(f"end: must be after start (start={start!r}, end={end!r})")
-        if isinstance(metrics, str) or not all(isinstance(m, str) for m in metrics):
-            raise ValueError(f"metrics: must be a list of metric names, got {metrics!r}")
-        start_ms, end_ms = math.floor(start_s * 1000), math.ceil(end_s * 1000)
-        b0 = start_ms // step_ms * step_ms
-        n = -(-(end_ms - b0) // step_ms)
-        if n > MAX_POINTS:
-            raise ValueError(
-                f"step: {step!r} s over [{start!r}, {end!r}) gives {n} points, more than {MAX_POINTS}; "
-                "use a larger step or a shorter range"
-            )
-        names = list(dict.fromkeys(metrics))
-        tier = self._pick_tier(step_s, start_ms)
+        q = check_query(metrics, start, end, step)
+        names, start_ms, end_ms, step_ms, b0, n = q.names, q.start_ms, q.end_ms, q.step_ms, q.b0, q.n
+        tier = self._pick_tier(step_ms / 1000, start_ms)
         acc = _Acc(n, len(names))
         with self._reading("reading a series from") as con:
             key = self._node_key(con, node_id)

@@ -24,7 +24,7 @@ Collections (database from the URL path, ``cloudmon`` by default)
   be stored twice (a replay racing the first write, or a crash after the raw
   insert): every read keeps one measurement per ``(node, ts)``.
 * Rollups are **recomputed** from the tier below (see
-  :mod:`cloudmon.store._remote`) and written as a new *version* (``gen``, the
+  :mod:`cloudmon.store._common`) and written as a new *version* (``gen``, the
   write time in µs) rather than updated: time-series collections are built for
   inserts (updates/deletes of measurements are restricted or slow, and not
   allowed in transactions), and a query keeps the newest version of each
@@ -65,13 +65,14 @@ from contextlib import contextmanager
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from cloudmon.store._remote import (
+from cloudmon.store._common import (
     Agg,
     StepAcc,
     aggregate,
     check_kind_key,
     check_query,
-    event_ts,
+    encode_document,
+    encode_event,
     finite,
     merge,
     pick_tier,
@@ -632,14 +633,7 @@ class MongoStore:
 
     def append_event(self, event: Mapping[str, object]) -> str:
         """Append one event (JSON-serialisable; ``ts`` defaults to now); returns its id."""
-        ts = event_ts(event)
-        from bson import ObjectId  # ships with pymongo
-
-        eid = str(ObjectId())
-        try:
-            body = json.dumps({**event, "ts": ts, "id": eid}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"event: must be JSON-serialisable: {exc}") from None
+        eid, ts, body = encode_event(event)
         with self._op("appending an event"):
             self._db["events"].insert_one({"_id": eid, "ts": ts, "body": body})
         return eid
@@ -660,11 +654,7 @@ class MongoStore:
 
     def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
         """Store (or replace) a configuration/inventory document."""
-        check_kind_key(kind, key)
-        try:
-            body = json.dumps(dict(doc), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"doc: must be a JSON-serialisable mapping: {exc}") from None
+        body = encode_document(kind, key, doc)
         with self._op("writing a document"):
             self._db["documents"].replace_one(
                 {"_id": f"{kind}/{key}"}, {"kind": kind, "key": key, "body": body}, upsert=True

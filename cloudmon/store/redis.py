@@ -24,7 +24,7 @@ Key layout (prefix ``cloudmon:`` by default; ``?prefix=other:`` in the URL chang
 * ``dirty`` sorted set (score = when the bucket is due, in data time; member
   ``<tier index>|<bucket_ms>|<node>``): buckets to recompute.  It is marked in
   the same MULTI/EXEC as the XADDs, so no accepted sample is ever without its
-  mark.  See :mod:`cloudmon.store._remote` for the recomputation scheme.
+  mark.  See :mod:`cloudmon.store._common` for the recomputation scheme.
 * ``claimed`` sorted set (score = lease expiry in wall-clock ms, member as in
   ``dirty``): marks a writer is recomputing.  One Lua call moves due marks (and
   marks whose lease expired: their writer died) from ``dirty`` to ``claimed``;
@@ -68,12 +68,13 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
-from cloudmon.store._remote import (
+from cloudmon.store._common import (
     StepAcc,
     aggregate,
     check_kind_key,
     check_query,
-    event_ts,
+    encode_document,
+    encode_event,
     finite,
     merge,
     pick_tier,
@@ -811,12 +812,7 @@ class RedisStore:
 
     def append_event(self, event: Mapping[str, object]) -> str:
         """Append one event (JSON-serialisable; ``ts`` defaults to now); returns its id."""
-        ts = event_ts(event)
-        eid = uuid.uuid4().hex
-        try:
-            body = json.dumps({**event, "ts": ts, "id": eid}, allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"event: must be JSON-serialisable: {exc}") from None
+        eid, ts, body = encode_event(event)
         with self._op("appending an event"):
             self._r.zadd(self._k("events"), {body: round(ts * 1000)})
         return eid
@@ -834,11 +830,7 @@ class RedisStore:
 
     def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
         """Store (or replace) a configuration/inventory document."""
-        check_kind_key(kind, key)
-        try:
-            body = json.dumps(dict(doc), allow_nan=False)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"doc: must be a JSON-serialisable mapping: {exc}") from None
+        body = encode_document(kind, key, doc)
         with self._op("writing a document"):
             self._r.hset(self._k("doc", kind), key, body)
 

@@ -1,4 +1,4 @@
-"""What the server-backed stores (Redis, MongoDB) share: validation, tiers, rollup maths, queries.
+"""What every store backend shares: validation, tiers, rollup maths, queries, event and document encoding.
 
 Rollups by deterministic recomputation
 ======================================
@@ -29,9 +29,11 @@ series are current up to the last write on every tier.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
@@ -327,3 +329,23 @@ def event_ts(event: Mapping[str, object]) -> float:
     if ts is None:
         return time.time()
     return finite("event ts", ts)
+
+
+def encode_event(event: Mapping[str, object]) -> tuple[str, float, str]:
+    """A new event's id, its ``ts`` and its JSON body (``ValueError`` if it cannot be stored)."""
+    ts = event_ts(event)
+    eid = uuid.uuid4().hex
+    try:
+        body = json.dumps({**event, "ts": ts, "id": eid}, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"event: must be JSON-serialisable: {exc}") from None
+    return eid, ts, body
+
+
+def encode_document(kind: str, key: str, doc: Mapping[str, object]) -> str:
+    """A document's JSON body, after checking ``kind`` and ``key``."""
+    check_kind_key(kind, key)
+    try:
+        return json.dumps(dict(doc), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"doc: must be a JSON-serialisable mapping: {exc}") from None
