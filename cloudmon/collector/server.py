@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
@@ -41,13 +41,16 @@ from cloudmon.collector.api import (
     StatusResponse,
     openapi_document,
 )
-from cloudmon.collector.queue import SharedQueue, live_report
 from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.collector.writer import StoreWriter
 from cloudmon.config import Config, ConfigError
 from cloudmon.model.cluster import SUMMARY_METRICS, ClusterModel, NodeState, NodeStatus
 from cloudmon.store.base import NodeRecord, Sample, StoreError, StoreUnavailable, TelemetryStore
 from cloudmon_agent.schema import IngestResponse, Report, SchemaError, decode_report, flatten
+
+if TYPE_CHECKING:
+    # The shared queue needs redis-py, an optional extra: imported only when configured.
+    from cloudmon.collector.queue import SharedQueue
 
 log = logging.getLogger(__name__)
 
@@ -173,6 +176,8 @@ class Collector:
         # Off by default: only with a queue URL do reports go through Redis (see queue.py).
         self._queue: SharedQueue | None = None
         if config.queue:
+            from cloudmon.collector.queue import SharedQueue
+
             self._queue = SharedQueue(
                 config.queue,
                 store,
@@ -402,6 +407,8 @@ class Collector:
         """Shared-queue mode: samples go to Redis (stored by whichever collector reads
         them), inventory to the local writer; an error answer when Redis refused."""
         assert self._queue is not None
+        from cloudmon.collector.queue import live_report
+
         live = [
             live_report(r.node_id, r.node.hostname, r.ts, r.interval, dict(s.values), _node_info(r))
             for r, s in zip(reports, samples, strict=True)
