@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING
 import msgspec
 
 from cloudmon.config import Config, ensure_token
-from cloudmon.store import StoreError, TelemetryStore, open_store
+from cloudmon.store import StoreError, TelemetryStore, open_store, redact_url
 
 if TYPE_CHECKING:
     from cloudmon.collector import CollectorThread
@@ -96,7 +96,7 @@ class EmbeddedRuntime:
             collector.start()
         self._collector = collector
         self.url = collector.url
-        log.info("embedded collector at %s, store %s", self.url, self.config.store_url)
+        log.info("embedded collector at %s, store %s", self.url, redact_url(self.config.store_url))
         if self._want_agent:
             self._start_agent()
 

@@ -8,7 +8,8 @@ loop in a background thread (embedding), ``run_headless`` as a service
 
 from cloudmon.collector.api import ROUTES, openapi_document
 from cloudmon.collector.cli import run_headless
-from cloudmon.collector.server import Collector, CollectorError, CollectorThread, ListenError, redact_url
+from cloudmon.collector.server import Collector, CollectorError, CollectorThread, ListenError
+from cloudmon.store import redact_url
 
 __all__ = [
     "ROUTES",

@@ -42,7 +42,6 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis
@@ -51,6 +50,7 @@ import redis.asyncio as aioredis
 from cloudmon.collector.api import SampleEvent
 from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.model.cluster import ClusterModel
+from cloudmon.store import redact_url
 from cloudmon.store.base import Sample, StoreUnavailable, TelemetryStore
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,7 @@ class SharedQueue:
             await asyncio.wait_for(self._subscribed.wait(), SUBSCRIBE_WAIT_S)
         except TimeoutError:
             log.warning("not yet subscribed to live updates of other collectors (queue unreachable?)")
-        log.info("shared queue %s, consumer %s", _redact(self._url), self.name)
+        log.info("shared queue %s, consumer %s", redact_url(self._url), self.name)
 
     async def close(self) -> None:
         """Stop the tasks and the consumer thread (what it holds stays pending in Redis).  Idempotent."""
@@ -527,14 +527,6 @@ class SharedQueue:
             self._error("undecodable queue entry", ValueError(f"{len(bad)} entries"))
             client.xack(STREAM_KEY, GROUP, *bad)
         return ids, samples
-
-
-def _redact(url: str) -> str:
-    """``url`` without a password (the log must not show it)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", "@")))
 
 
 def live_report(

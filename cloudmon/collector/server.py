@@ -20,7 +20,6 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
-from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 from aiohttp import web
@@ -45,6 +44,7 @@ from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.collector.writer import StoreWriter
 from cloudmon.config import Config, ConfigError
 from cloudmon.model.cluster import SUMMARY_METRICS, ClusterModel, NodeState, NodeStatus
+from cloudmon.store import redact_url
 from cloudmon.store.base import NodeRecord, Sample, StoreError, StoreUnavailable, TelemetryStore
 from cloudmon_agent.schema import IngestResponse, Report, SchemaError, decode_report, flatten
 
@@ -85,20 +85,6 @@ class _Rejected(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
-
-
-def redact_url(url: str) -> str:
-    """``url`` without its password (``mongodb://u:pw@h/db`` -> ``mongodb://u@h/db``)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _schema_reason(message: str) -> str:

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Final
 from urllib.parse import urlsplit
 
+from cloudmon.store._common import redact_url
 from cloudmon.store.base import (
     DEFAULT_TIERS,
     MetricSeries,
@@ -45,6 +46,7 @@ __all__ = [
     "TelemetryStore",
     "TierSpec",
     "open_store",
+    "redact_url",
 ]
 
 

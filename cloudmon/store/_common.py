@@ -55,7 +55,7 @@ _convert = msgspec.convert
 Agg = dict[str, list[float]]
 
 
-def redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """``url`` with its password replaced by ``***`` (for messages and logs)."""
     parts = urlsplit(url)
     if parts.password is None:

@@ -78,7 +78,7 @@ from cloudmon.store._common import (
     pick_tier,
     plan_tiers,
     prepare,
-    redact,
+    redact_url,
 )
 from cloudmon.store.base import (
     DEFAULT_TIERS,
@@ -141,7 +141,7 @@ class MongoStore:
         from pymongo import errors
 
         self.url = url
-        self._shown = redact(url)
+        self._shown = redact_url(url)
         parts = urlsplit(url)
         if parts.scheme not in ("mongodb", "mongodb+srv"):
             raise StoreError(f"not a MongoDB store URL: {self._shown!r}; use mongodb://host:27017/cloudmon")

@@ -80,7 +80,7 @@ from cloudmon.store._common import (
     pick_tier,
     plan_tiers,
     prepare,
-    redact,
+    redact_url,
 )
 from cloudmon.store.base import (
     DEFAULT_TIERS,
@@ -265,7 +265,7 @@ def _split_url(url: str) -> tuple[str, str]:
     """The URL for redis-py (our own ``prefix`` option removed) and the key prefix."""
     parts = urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
-        raise StoreError(f"not a Redis store URL: {redact(url)!r}; use redis://host:6379/0 or rediss://…")
+        raise StoreError(f"not a Redis store URL: {redact_url(url)!r}; use redis://host:6379/0 or rediss://…")
     query = parse_qsl(parts.query, keep_blank_values=True)
     prefix = "cloudmon:"
     rest = []
@@ -303,7 +303,7 @@ class RedisStore:
         import redis  # optional dependency: imported only when this backend is used
 
         self.url = url
-        self._shown = redact(url)
+        self._shown = redact_url(url)
         self.tiers = tuple(tiers)
         self._raw, self._rollups = plan_tiers(self.tiers)
         self._grace_ms = int(finite("grace_s", grace_s) * 1000)

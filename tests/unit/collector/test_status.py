@@ -53,9 +53,9 @@ def test_healthz_needs_no_token(collector: CollectorThread) -> None:
 
 def test_store_url_password_is_removed() -> None:
     assert redact_url("mongodb://admin:s3cret@db.example:27017/cm?tls=true") == (
-        "mongodb://admin@db.example:27017/cm?tls=true"
+        "mongodb://admin:***@db.example:27017/cm?tls=true"
     )
-    assert redact_url("redis://:pw@[::1]:6379/0") == "redis://[::1]:6379/0"
+    assert redact_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
     assert redact_url("sqlite:////var/lib/cloudmon/t.db") == "sqlite:////var/lib/cloudmon/t.db"
 
 
