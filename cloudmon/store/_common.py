@@ -41,7 +41,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from cloudmon.store.base import MetricSeries, Sample, StoreError, TierSpec
+from cloudmon.store.base import MetricSeries, NodeRecord, Sample, StoreError, TierSpec
 
 MAX_POINTS: Final = 100_000
 INF: Final = math.inf
@@ -100,6 +100,22 @@ def plan_tiers(tiers: Sequence[TierSpec]) -> tuple[TierSpec, list[TierSpec]]:
             )
         prev = t.resolution_s
     return raws[0], rollups
+
+
+def check_node_record(rec: NodeRecord) -> tuple[float, float, str]:
+    """``(first_seen, last_seen, info as JSON)`` of an inventory entry, or a clear error."""
+    if not isinstance(rec.node_id, str) or not rec.node_id:
+        raise ValueError(f"node record: node_id must be a non-empty string, got {rec.node_id!r}")
+    where = f"node record {rec.node_id!r}"
+    if not isinstance(rec.hostname, str):
+        raise TypeError(f"{where}: hostname must be a string, got {rec.hostname!r}")
+    first = finite(f"{where}: first_seen", rec.first_seen)
+    last = finite(f"{where}: last_seen", rec.last_seen)
+    try:
+        info = json.dumps(dict(rec.info), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: info must be JSON-serialisable: {exc}") from None
+    return first, last, info
 
 
 def bad_values(sample: Sample) -> ValueError:

@@ -92,7 +92,6 @@ from disk; 24 h at 60 s from the 1 m tier ≈4 ms.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -122,7 +121,15 @@ from cloudmon.store._codec import (
     encode_block,
     unpack_f64x3,
 )
-from cloudmon.store._common import check_kind_key, check_query, encode_document, encode_event
+from cloudmon.store._common import (
+    check_kind_key,
+    check_node_record,
+    check_query,
+    encode_document,
+    encode_event,
+    finite,
+    plan_tiers,
+)
 from cloudmon.store.base import (
     DEFAULT_TIERS,
     MetricSeries,
@@ -148,7 +155,6 @@ _SEEK_LIMIT_S: Final = 4_000  # head reads: per-second seeks up to this range, a
 _BUSY_TIMEOUT_S: Final = 10.0
 _RETENTION_CHUNK: Final = 200  # node ranges per retention transaction
 _COMPACT_BUDGET_S: Final = 0.15  # compaction time per write_samples call
-_TIER_NAME = re.compile(r"^[A-Za-z0-9_]{1,32}$")
 
 # Primary SQLite result codes (sqlite3.h), for turning errors into clear messages.
 _SQLITE_PERM, _SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY = 3, 5, 6, 8
@@ -250,21 +256,8 @@ def parse_url(url: str) -> Path:
 
 
 def _plan_tiers(tiers: Sequence[TierSpec]) -> tuple[TierSpec, list[TierSpec], int]:
-    """Check the tiers; return the raw tier, the rollup tiers (fine to coarse) and the block span."""
-    if not tiers:
-        raise StoreError("tiers: at least the raw tier (resolution_s=1) is needed")
-    names = [t.name for t in tiers]
-    for t in tiers:
-        if not _TIER_NAME.match(t.name):
-            raise StoreError(f"tier name {t.name!r}: use 1-32 letters, digits or underscores")
-        if t.resolution_s < 1 or t.retention_s <= 0:
-            raise StoreError(f"tier {t.name!r}: resolution_s must be ≥ 1 and retention_s > 0")
-    if len(set(names)) != len(names):
-        raise StoreError(f"tiers: names must be unique, got {names}")
-    raws = [t for t in tiers if t.resolution_s == 1]
-    if len(raws) != 1:
-        raise StoreError(f"tiers: exactly one raw tier with resolution_s=1 is needed, got {names}")
-    rollups = sorted((t for t in tiers if t.resolution_s > 1), key=lambda t: t.resolution_s)
+    """Check the tiers (shared rules); return the raw tier, the rollups (fine to coarse) and the block span."""
+    raw, rollups = plan_tiers(tiers)
     span = _DEFAULT_SPAN_S
     if rollups:
         r1 = rollups[0].resolution_s
@@ -273,13 +266,7 @@ def _plan_tiers(tiers: Sequence[TierSpec]) -> tuple[TierSpec, list[TierSpec], in
                 f"tier {rollups[0].name!r}: the finest rollup must have resolution_s ≤ {_MAX_SPAN_S}"
             )
         span = r1 * max(1, _DEFAULT_SPAN_S // r1)
-    for fine, coarse in itertools.pairwise(rollups):
-        if coarse.resolution_s % fine.resolution_s:
-            raise StoreError(
-                f"tier {coarse.name!r}: resolution_s {coarse.resolution_s} must be a multiple of "
-                f"tier {fine.name!r}'s {fine.resolution_s} (coarser rollups are built from finer ones)"
-            )
-    return raws[0], rollups, span
+    return raw, rollups, span
 
 
 def _bad_values(sample: Sample) -> ValueError:
@@ -296,12 +283,6 @@ def _bad_values(sample: Sample) -> ValueError:
                 f"{where}: metric {name!r} must be a number, got {type(value).__name__} {shown}"
             )
     return ValueError(f"{where}: values must map metric names to numbers")
-
-
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}: must be a finite number of seconds, got {value!r}")
-    return float(value)
 
 
 class EmbeddedStore:
@@ -329,7 +310,7 @@ class EmbeddedStore:
         self.tiers = tuple(tiers)
         self._raw, self._rollups, span_s = _plan_tiers(self.tiers)
         self._tables = {t.name: f"rollup_{t.name}" for t in self._rollups}
-        self._grace_ms = int(_finite("grace_s", grace_s) * 1000)
+        self._grace_ms = int(finite("grace_s", grace_s) * 1000)
         self._max_size = max_size_bytes
         self._cache_kib = max(1, cache_mib) * 1024
         self._wlock = threading.RLock()
@@ -869,17 +850,7 @@ class EmbeddedStore:
         ``last_seen`` never goes back (replayed reports), hostname and info are replaced."""
         rows = []
         for rec in nodes:
-            if not isinstance(rec.node_id, str) or not rec.node_id:
-                raise ValueError(f"node record: node_id must be a non-empty string, got {rec.node_id!r}")
-            where = f"node record {rec.node_id!r}"
-            if not isinstance(rec.hostname, str):
-                raise TypeError(f"{where}: hostname must be a string, got {rec.hostname!r}")
-            first = _finite(f"{where}: first_seen", rec.first_seen)
-            last = _finite(f"{where}: last_seen", rec.last_seen)
-            try:
-                info = json.dumps(dict(rec.info), sort_keys=True, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: info must be JSON-serialisable: {exc}") from None
+            first, last, info = check_node_record(rec)
             rows.append((rec.node_id, rec.hostname, first, last, info))
         if not rows:
             return
@@ -1070,7 +1041,7 @@ class EmbeddedStore:
 
         Works node by node in short transactions so the write lock is never held long.
         """
-        now_s = _finite("now", now)
+        now_s = finite("now", now)
         removed = 0
         with self._wlock:
             self._check_open()
@@ -1146,7 +1117,7 @@ class EmbeddedStore:
 
     def events(self, start: float, end: float, limit: int = 1000) -> list[dict[str, object]]:
         """Events with ``start <= ts < end``, oldest first; the newest ``limit`` if there are more."""
-        lo, hi = _finite("start", start), _finite("end", end)
+        lo, hi = finite("start", start), finite("end", end)
         if limit < 1:
             raise ValueError(f"limit: must be ≥ 1, got {limit!r}")
         with self._reading("reading events from") as con:

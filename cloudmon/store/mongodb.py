@@ -70,6 +70,7 @@ from cloudmon.store._common import (
     StepAcc,
     aggregate,
     check_kind_key,
+    check_node_record,
     check_query,
     encode_document,
     encode_event,
@@ -455,17 +456,7 @@ class MongoStore:
         """Insert or update inventory entries (``first_seen`` kept, ``last_seen`` never goes back)."""
         ops = []
         for rec in nodes:
-            if not isinstance(rec.node_id, str) or not rec.node_id:
-                raise ValueError(f"node record: node_id must be a non-empty string, got {rec.node_id!r}")
-            where = f"node record {rec.node_id!r}"
-            if not isinstance(rec.hostname, str):
-                raise TypeError(f"{where}: hostname must be a string, got {rec.hostname!r}")
-            first = finite(f"{where}: first_seen", rec.first_seen)
-            last = finite(f"{where}: last_seen", rec.last_seen)
-            try:
-                info = json.dumps(dict(rec.info), allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: info must be JSON-serialisable: {exc}") from None
+            first, last, info = check_node_record(rec)
             ops.append(
                 self._pymongo.UpdateOne(
                     {"_id": rec.node_id},

@@ -72,6 +72,7 @@ from cloudmon.store._common import (
     StepAcc,
     aggregate,
     check_kind_key,
+    check_node_record,
     check_query,
     encode_document,
     encode_event,
@@ -621,17 +622,9 @@ class RedisStore:
         """Insert or update inventory entries (``first_seen`` kept, ``last_seen`` never goes back)."""
         rows = []
         for rec in nodes:
-            if not isinstance(rec.node_id, str) or not rec.node_id:
-                raise ValueError(f"node record: node_id must be a non-empty string, got {rec.node_id!r}")
-            where = f"node record {rec.node_id!r}"
-            if not isinstance(rec.hostname, str):
-                raise TypeError(f"{where}: hostname must be a string, got {rec.hostname!r}")
-            first = finite(f"{where}: first_seen", rec.first_seen)
-            last = finite(f"{where}: last_seen", rec.last_seen)
-            try:
-                body = json.dumps({"hostname": rec.hostname, "info": dict(rec.info)}, allow_nan=False)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{where}: info must be JSON-serialisable: {exc}") from None
+            first, last, info = check_node_record(rec)
+            # info is already JSON: splice it in rather than encode it twice.
+            body = f'{{"hostname": {json.dumps(rec.hostname)}, "info": {info}}}'
             rows.append((rec.node_id, body, first, last))
         if not rows:
             return
