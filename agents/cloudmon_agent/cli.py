@@ -127,11 +127,22 @@ def _serve(config: AgentConfig) -> int:
     gc.collect()
     gc.freeze()
     in_main = threading.current_thread() is threading.main_thread()
+    stops = {signal.SIGTERM, signal.SIGINT}
+    masking = in_main and hasattr(signal, "pthread_sigmask")
     try:
         if in_main:
             signal.signal(signal.SIGTERM, _on_signal)
             signal.signal(signal.SIGINT, _on_signal)
-        agent.start()
+        # A stop signal during start() would interrupt Thread.start() before the
+        # new thread is known to run, and close() could not join it (seen in CI:
+        # close() then raced the first cycle).  Hold such signals until start()
+        # returns; the agent's threads inherit the mask, so they go to this thread.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, stops) if masking else None
+        try:
+            agent.start()
+        finally:
+            if old_mask is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         agent.join()  # returns only if the agent thread ends by itself (an error)
     except _StopRequested as exc:
         log.info("signal %s: stopping", exc.args[0])

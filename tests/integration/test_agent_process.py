@@ -128,5 +128,5 @@ def test_sigterm_exits_zero(
     p = _start(spawn, args, env, stderr)
     wait_until(lambda: "reporting to" in stderr.read_text(), timeout=30, what="the agent to start")
     p.send_signal(signal.SIGTERM)
-    assert p.wait(timeout=10) == 0
+    assert p.wait(timeout=10) == 0, stderr.read_text()
     assert "stopping" in stderr.read_text()
