@@ -1,0 +1,1 @@
+"""Control loops' shared machinery: the arbiter that keeps them from fighting."""
