@@ -1,0 +1,1 @@
+"""Load balancers: backend weights from measured load, and connection draining."""
