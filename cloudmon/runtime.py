@@ -29,6 +29,33 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def _lock_fields(text: str) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key and value:
+            fields[key] = value
+    return fields
+
+
+def running_collector_url(config: Config) -> str | None:
+    """URL of the embedded collector a console on this machine runs with ``config``'s
+    data directory, or ``None`` when no console holds it."""
+    path = config.data_path / "cloudmon.lock"
+    try:
+        fh = path.open("r", encoding="utf-8")
+    except OSError:
+        return None
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _lock_fields(fh.read()).get("url")
+        # We got the lock: nobody runs; whatever the file says is stale.
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return None
+
+
 class RuntimeStartError(RuntimeError):
     """Embedded mode could not start; the text says why and what to do."""
 
@@ -55,11 +82,13 @@ class EmbeddedRuntime:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            other = fh.read().strip() or "another cloudmon"
+            other = _lock_fields(fh.read())
             fh.close()
+            who = f"cloudmon pid {other['pid']}" if "pid" in other else "another cloudmon"
+            url = other.get("url", "URL")
             raise RuntimeStartError(
-                f"{self.config.data_path} is in use by {other}. Open that console, connect to it with "
-                f"'cloudmon --connect URL', or start this one with --data-dir DIR."
+                f"{self.config.data_path} is in use by {who}. Open that console, connect to it with "
+                f"'cloudmon --connect {url}', or start this one with --data-dir DIR."
             ) from None
         fh.seek(0)
         fh.truncate()
@@ -96,6 +125,14 @@ class EmbeddedRuntime:
             collector.start()
         self._collector = collector
         self.url = collector.url
+        # Other commands on this machine (``cloudmon apply``) find the running
+        # embedded collector here; the lock file is the one place that is true
+        # exactly while this process holds it.
+        if self._lock is not None:
+            self._lock.seek(0)
+            self._lock.truncate()
+            self._lock.write(f"pid {os.getpid()}\nurl {self.url}\n")
+            self._lock.flush()
         log.info("embedded collector at %s, store %s", self.url, redact_url(self.config.store_url))
         if self._want_agent:
             self._start_agent()

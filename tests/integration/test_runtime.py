@@ -12,7 +12,7 @@ import pytest
 
 from cloudmon.client import ApiClient
 from cloudmon.config import Config
-from cloudmon.runtime import EmbeddedRuntime, RuntimeStartError
+from cloudmon.runtime import EmbeddedRuntime, RuntimeStartError, running_collector_url
 
 pytestmark = pytest.mark.integration
 
@@ -56,7 +56,7 @@ def test_second_console_on_the_same_data_dir_is_told_what_to_do(
     runtime: EmbeddedRuntime, tmp_path: Path
 ) -> None:
     second = EmbeddedRuntime(Config(data_dir=str(tmp_path), listen_port=0))
-    with pytest.raises(RuntimeStartError, match="--connect"):
+    with pytest.raises(RuntimeStartError, match=f"--connect {runtime.url}"):
         second.start()
     second.close()
     # The first one is unharmed.
@@ -111,3 +111,17 @@ def test_history_survives_a_restart(tmp_path: Path) -> None:
             api.close()
     finally:
         rt.close()
+
+
+def test_other_commands_find_the_running_console_and_only_while_it_runs(tmp_path: Path) -> None:
+    config = Config(data_dir=str(tmp_path), listen_port=0)
+    assert running_collector_url(config) is None
+    rt = EmbeddedRuntime(config, local_agent=False)
+    try:
+        rt.start()
+        assert running_collector_url(config) == rt.url
+    finally:
+        rt.close()
+    # The file stays behind, but nobody holds it: it is not believed.
+    assert (tmp_path / "cloudmon.lock").exists()
+    assert running_collector_url(config) is None
