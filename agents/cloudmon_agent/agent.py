@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cloudmon_agent import __version__
+from cloudmon_agent.budget import REPORT_COST, find_policy
 from cloudmon_agent.collectors import Collector, CollectorOptions, default_collectors
 from cloudmon_agent.collectors.procfs import ProcFile
 from cloudmon_agent.config import AgentConfig, ConfigError, resolve_node_id
@@ -390,13 +391,19 @@ class Agent:
         first = min(FIRST_REPORT_AFTER_S, interval)
         k = 0
         errors_logged: set[str] = set()
+        budget = find_policy(self._collectors)
         while True:
             due = start + (k * interval if k else first)
             delay = due - time.monotonic()
             if (delay > 0 and self._stop.wait(delay)) or self._stop.is_set():
                 return
             try:
-                self._push(encode(self.sample()))
+                report = self.sample()
+                t0 = time.thread_time()
+                self._push(encode(report))
+                if budget is not None:
+                    # Encoding and posting count against the budget too (the whole cycle).
+                    budget.record(REPORT_COST, max(0.0, (time.thread_time() - t0) * 1000.0))
             except Exception as exc:  # worker loop: one bad cycle must not stop sampling
                 key = f"{type(exc).__name__}: {exc}"
                 if key not in errors_logged and len(errors_logged) < 50:  # once per distinct error

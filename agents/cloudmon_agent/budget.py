@@ -8,8 +8,11 @@ appends a :class:`BudgetCollector` (field ``budget``) that closes the cycle:
 it feeds the costs to :class:`BudgetPolicy` and reports the budget, the
 expected cost and every throttled collector with its period
 (:class:`~cloudmon_agent.schema.BudgetStats`).  The agent calls collectors in
-list order, so the budget collector, last, sees the whole cycle.  The budget covers the
-collectors only: encoding and sending the report are the agent's fixed cost.
+list order, so the budget collector, last, sees every collector of the cycle.
+The budget covers the whole cycle: the agent also records what encoding and
+sending each report cost (:data:`REPORT_COST`, via :func:`find_policy`), a
+fixed cost that is never throttled but counts against the budget, so the
+collectors are throttled harder when posting is expensive.
 
 The policy (pure logic, tested with fake costs): each collector's mean cost
 per run is the mean of its last ``window`` runs (a plain window, not an
@@ -40,6 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Name under which the agent records the cost of encoding and sending a report.
+REPORT_COST = "report"
+
 
 class BudgetPolicy:
     """Decides each collector's period (run every N cycles) from measured costs."""
@@ -52,7 +58,7 @@ class BudgetPolicy:
         recover_below: float = 0.5,
         cooldown: int = 5,
         window: int = 10,
-        exempt: Iterable[str] = ("host",),
+        exempt: Iterable[str] = ("host", REPORT_COST),
     ) -> None:
         if budget_ms <= 0:
             raise ValueError("budget_ms must be > 0")
@@ -203,3 +209,11 @@ def apply_budget(collectors: Sequence[Collector], policy: BudgetPolicy) -> list[
     out: list[Collector] = [Budgeted(c, policy) for c in collectors]
     out.append(BudgetCollector(policy))
     return out
+
+
+def find_policy(collectors: Iterable[object]) -> BudgetPolicy | None:
+    """The budget policy among an agent's collectors (``None`` when no budget is set)."""
+    for c in collectors:
+        if isinstance(c, BudgetCollector):
+            return c.policy
+    return None

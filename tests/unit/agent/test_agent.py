@@ -15,6 +15,7 @@ import pytest
 
 from cloudmon_agent import __version__
 from cloudmon_agent.agent import Agent, LinkState, next_cycle
+from cloudmon_agent.budget import REPORT_COST, BudgetPolicy, apply_budget
 from cloudmon_agent.collectors.host import HostCollector
 from cloudmon_agent.config import AgentConfig
 from cloudmon_agent.schema import HostMetrics, IngestResponse, Report, decode_report, encode
@@ -178,6 +179,20 @@ def test_run_pushes_reports_in_order(tmp_path: Path, sink: Sink, agents: list[Ag
     c = agent.counters()
     assert c.sent == len(sink.requests)
     assert c.link is LinkState.UP
+
+
+def test_the_budget_counts_encoding_and_posting_each_report(
+    tmp_path: Path, sink: Sink, agents: list[Agent]
+) -> None:
+    policy = BudgetPolicy(50.0)
+    agent = Agent(_cfg(tmp_path, sink.url), collectors=apply_budget([HostCollector()], policy))
+    agents.append(agent)
+    agent.start()
+    wait_until(lambda: len(sink.requests) >= 5, what="5 reports")
+    agent.close()
+    assert REPORT_COST in policy.mean_ms
+    assert policy.mean_ms[REPORT_COST] > 0.0
+    assert policy.expected_ms() == pytest.approx(policy.mean_ms["host"] + policy.mean_ms[REPORT_COST])
 
 
 def test_collector_down_logs_one_warning_and_keeps_sampling(

@@ -6,7 +6,14 @@ from typing import Any
 
 import pytest
 
-from cloudmon_agent.budget import BudgetCollector, Budgeted, BudgetPolicy, apply_budget
+from cloudmon_agent.budget import (
+    REPORT_COST,
+    BudgetCollector,
+    Budgeted,
+    BudgetPolicy,
+    apply_budget,
+    find_policy,
+)
 
 
 def _run(policy: BudgetPolicy, costs: dict[str, float], cycles: int) -> list[str]:
@@ -131,3 +138,19 @@ def test_a_collector_with_periodic_spikes_is_judged_by_its_mean() -> None:
             changes.append(change)
     assert changes == []  # 0.3 + 2.0 / 5 = 0.7 ms per cycle: within budget
     assert p.expected_ms() == pytest.approx(0.7)
+
+
+def test_the_report_cost_counts_against_the_budget_but_is_never_throttled() -> None:
+    p = BudgetPolicy(1.0, cooldown=0)
+    # Collectors alone (0.2 + 0.5) fit; with 0.6 ms to encode and post, the cycle does not.
+    _run(p, {"host": 0.2, "processes": 0.5, REPORT_COST: 0.6}, 30)
+    assert p.periods[REPORT_COST] == 1
+    assert p.periods["processes"] >= 2
+    assert p.expected_ms() == pytest.approx(0.2 + 0.6 + 0.5 / p.periods["processes"])
+    assert [t.collector for t in p.throttled()] == ["processes"]
+
+
+def test_find_policy_finds_the_budget_among_collectors() -> None:
+    policy = BudgetPolicy(1.0)
+    assert find_policy(apply_budget([], policy)) is policy
+    assert find_policy([object()]) is None
