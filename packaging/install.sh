@@ -45,7 +45,7 @@ if [ "$mode" = test ]; then
   # libvirt (test:/// driver, and real QEMU guests under a libvirtd the tests
   # start), libvirt-python's build deps, Redis for the store/queue tests, and
   # node_exporter as the agent benchmark's reference peer.
-  pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 libvirt-clients libvirt-dev pkg-config
+  pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients libvirt-dev pkg-config
          gcc python3-dev redis-server prometheus-node-exporter iproute2)
 fi
 
