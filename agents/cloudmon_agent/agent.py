@@ -33,6 +33,13 @@ Two threads, so a slow or black-holed collector can never stall sampling:
   The in-memory queue only buffers reports while a post is in flight (at most
   ``queue_max``; the oldest are dropped and counted beyond that).
 
+Commands ride back on the collector's answers (whichever thread posted): they
+go to the :class:`~cloudmon_agent.actions.Executor`, which runs the
+allow-listed ones in a third thread of its own.  Every report carries what the
+executor has in flight and its results until the collector acknowledges them
+(``IngestResponse.acked``); spooled reports carry them too, and the collector
+keeps each result once.
+
 State changes are logged once each: one warning when the collector becomes
 unreachable, one info line when it is back, one error when it rejects the
 token.  Nothing is logged per cycle.
@@ -56,11 +63,12 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from cloudmon_agent import __version__
+from cloudmon_agent.actions import Executor
 from cloudmon_agent.budget import REPORT_COST, find_policy
 from cloudmon_agent.collectors import Collector, CollectorOptions, default_collectors
 from cloudmon_agent.collectors.procfs import ProcFile
 from cloudmon_agent.config import AgentConfig, ConfigError, resolve_node_id
-from cloudmon_agent.schema import SCHEMA_VERSION, AgentStats, NodeInfo, Report, encode
+from cloudmon_agent.schema import SCHEMA_VERSION, AgentStats, IngestResponse, NodeInfo, Report, encode
 from cloudmon_agent.spool import Batch, Spool, SpoolError
 from cloudmon_agent.transport import (
     AuthRejected,
@@ -220,6 +228,7 @@ class Agent:
         retry_max: float | None = None,
         replay_batch: int = REPLAY_BATCH_MAX,
         replay_bytes: int = REPLAY_BYTES_MAX,
+        executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.node_id = resolve_node_id(config)
@@ -250,8 +259,12 @@ class Agent:
             os=os_description(),
             cpu_count=os.cpu_count() or 0,
             agent_version=__version__,
+            migrate_uri=config.migrate_uri,
         )
         self._rss = _Rss()
+        #: Runs the collector's commands; built by run()/start() (or given), so that
+        #: --once and sample() never touch the command journal.
+        self._executor = executor
 
         self._stop = threading.Event()
         self._cond = threading.Condition()  # guards everything below that both threads touch
@@ -313,6 +326,8 @@ class Agent:
                 spooled, spool_bytes, spool_dropped = self._spooled, self._spool_bytes, self._spool_dropped
             ts = time.time()
             parts: dict[str, Any] = {c.field: c.collect() for c in self._collectors}
+            if self._executor is not None:
+                parts["progress"], parts["results"] = self._executor.outgoing()
             self._primed = True
             report = Report(
                 v=SCHEMA_VERSION,
@@ -362,6 +377,7 @@ class Agent:
         if self._stop.is_set():
             return
         self.open_spool()
+        self.open_executor()
         self._sender = threading.Thread(target=self._send_loop, name="cloudmon-agent-send")
         self._sender.start()
         log.info(
@@ -435,8 +451,9 @@ class Agent:
             self._enqueue(body)
             return
         handed_over = False
+        answer: IngestResponse | None = None
         try:
-            transport.send(body, timeout=self._inline_timeout)
+            answer = transport.send(body, timeout=self._inline_timeout)
         except ReportRejected as exc:
             self._report_rejected(exc)
         except TransportError:
@@ -453,6 +470,31 @@ class Agent:
                     self._pending.append(body)
                     # Only then: in the steady state the sender thread stays asleep.
                     self._cond.notify()
+        self._answered(answer)
+
+    def open_executor(self) -> Executor:
+        """The executor of the collector's commands (built on first use; its journal is in ``state_dir``).
+
+        :meth:`start` and :meth:`run` call it; raises ConfigError if the journal cannot be opened.
+        """
+        if self._executor is None:
+            try:
+                self._executor = Executor(
+                    self.config.allow_actions, self.config.libvirt_uri, self.config.state_path
+                )
+            except OSError as exc:
+                raise ConfigError(f"state_dir: {exc}") from None
+        return self._executor
+
+    def _answered(self, answer: IngestResponse | None) -> None:
+        """Hand the commands and acknowledgements of a collector's answer to the executor."""
+        executor = self._executor
+        if executor is None or answer is None:
+            return
+        if answer.acked:
+            executor.acked(answer.acked)
+        if answer.commands:
+            executor.submit(answer.commands)
 
     def _enqueue(self, body: bytes) -> None:
         with self._cond:
@@ -572,7 +614,7 @@ class Agent:
         assert spool is not None
         body = fresh[0] if len(fresh) == 1 else b"[" + b",".join(fresh) + b"]"
         try:
-            transport.send(body)
+            answer = transport.send(body)
         except (CollectorUnreachable, AuthRejected) as exc:
             for rest in fresh:
                 spool.append(rest)
@@ -591,6 +633,7 @@ class Agent:
         with self._cond:
             self._sent += len(fresh)
         self._set_link(LinkState.UP)
+        self._answered(answer)
         return True
 
     def _replay_one(self, spool: Spool) -> bool:
@@ -602,7 +645,7 @@ class Agent:
             return True
         body = b"[" + b",".join(batch.records) + b"]"
         try:
-            transport.send(body)
+            answer = transport.send(body)
         except (CollectorUnreachable, AuthRejected) as exc:
             self._set_link(
                 LinkState.DOWN if isinstance(exc, CollectorUnreachable) else LinkState.AUTH_REJECTED, exc
@@ -628,6 +671,7 @@ class Agent:
             self._sent += n
             self._replayed += n
         self._set_link(LinkState.UP)
+        self._answered(answer)
         if not spool.pending:
             log.info("spool replayed: the collector has every report kept while it was away")
         return True
@@ -698,6 +742,7 @@ class Agent:
                 raise RuntimeError("this Agent is already running (or has run); create a new one")
         # In the caller's thread, so a spool that cannot be opened is a clear error here.
         self.open_spool()
+        self.open_executor()
         with self._cond:
             self._thread = threading.Thread(target=self._run_logged, name="cloudmon-agent")
         self._thread.start()
@@ -747,6 +792,8 @@ class Agent:
             self._transport.close()
         if self._spool is not None:
             self._spool.close()  # already closed by the sender if it ran
+        if self._executor is not None:
+            self._executor.close()
         for c in self._collectors:
             c.close()
         self._rss.close()

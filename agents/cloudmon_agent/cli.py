@@ -82,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MS",
         help="collectors' CPU budget per cycle; over it the costliest runs less often (default 1; 0: off)",
     )
+    a = p.add_argument_group("actions")
+    a.add_argument(
+        "--allow-actions",
+        metavar="LIST",
+        help="comma-separated actions the collector may have this node run: vm.create, vm.start, "
+        "vm.stop, vm.delete, vm.migrate, vm.state (default: none, every command is refused)",
+    )
+    a.add_argument(
+        "--migrate-uri",
+        metavar="URI",
+        help="libvirt URI other hosts reach this host's libvirtd at, for live migrations to it "
+        "(e.g. qemu+tcp://10.0.0.7/system)",
+    )
     p.add_argument("--config", metavar="FILE", type=Path, help="TOML config file")
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
     p.add_argument("--once", action="store_true", help="print one report as JSON on stdout and exit")
@@ -179,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "containers": args.containers,
                 "gpus": args.gpus,
                 "budget_ms": args.budget_ms,
+                "allow_actions": args.allow_actions,
+                "migrate_uri": args.migrate_uri,
             },
         )
     except ConfigError as exc:

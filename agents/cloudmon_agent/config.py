@@ -17,7 +17,8 @@ Sources, later wins:
    ``CLOUDMON_SPOOL_MAX_BYTES``, ``CLOUDMON_RETRY_MAX``, and for the
    collectors ``CLOUDMON_LIBVIRT_URI``, ``CLOUDMON_TOP_N``,
    ``CLOUDMON_PROCESSES_EVERY``, ``CLOUDMON_CONTAINERS``, ``CLOUDMON_GPUS``,
-   ``CLOUDMON_BUDGET_MS`` (an empty variable counts as unset, so
+   ``CLOUDMON_BUDGET_MS``, and for actions ``CLOUDMON_ALLOW_ACTIONS``
+   (comma-separated) and ``CLOUDMON_MIGRATE_URI`` (an empty variable counts as unset, so
    ``CLOUDMON_LIBVIRT_URI=none`` turns VMs off; booleans take
    1/0, true/false, yes/no, on/off);
 4. command-line flags.
@@ -167,6 +168,30 @@ def _check_budget_ms(v: float) -> float:
     return v
 
 
+#: Actions an agent can be allowed to run (``schema.ACTIONS``; kept here so config needs no msgspec).
+KNOWN_ACTIONS: Final = ("vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state")
+
+
+def _check_allow_actions(v: object) -> tuple[str, ...]:
+    if not isinstance(v, (tuple, list)) or not all(isinstance(a, str) for a in v):
+        raise ValueError(f"must be a list of action names, got {v!r}")
+    names = tuple(dict.fromkeys(a.strip() for a in v if a.strip()))
+    unknown = [a for a in names if a not in KNOWN_ACTIONS]
+    if unknown:
+        raise ValueError(f"unknown action(s) {', '.join(unknown)}; known: {', '.join(KNOWN_ACTIONS)}")
+    return names
+
+
+def _check_migrate_uri(v: str) -> str:
+    if not v.strip():
+        return ""
+    if not _URI_RE.match(v):
+        raise ValueError(
+            f"must be the libvirt URI other hosts reach this one at, like qemu+tcp://10.0.0.7/system, got {v!r}"
+        )
+    return v
+
+
 def _check_bool(v: bool) -> bool:
     if not isinstance(v, bool):
         # ValueError like every check: __post_init__ turns it into a ConfigError naming the setting.
@@ -227,6 +252,13 @@ class AgentConfig:
     #: CPU budget of the collectors per cycle in ms: over it, the most expensive
     #: one runs less often and the report says so.  0 turns the budget off.
     budget_ms: float = 1.0
+    #: Actions the collector may have this agent run (``vm.create``, ``vm.start``,
+    #: ``vm.stop``, ``vm.delete``, ``vm.migrate``, ``vm.state``); empty refuses every
+    #: command.  A list in TOML, comma-separated in the environment and on the command line.
+    allow_actions: tuple[str, ...] = ()
+    #: The libvirt URI other hosts use to reach this host's libvirtd (advertised in
+    #: every report; live migrations to this host go there), e.g. ``qemu+tcp://10.0.0.7/system``.
+    migrate_uri: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
@@ -272,11 +304,17 @@ _CHECKS: Final[dict[str, Callable[[Any], Any]]] = {
     "containers": _check_bool,
     "gpus": _check_bool,
     "budget_ms": _check_budget_ms,
+    "allow_actions": _check_allow_actions,
+    "migrate_uri": _check_migrate_uri,
 }
 
 
 class _Size(int):
     """Type marker of byte sizes (``67108864`` or ``64MiB``) in :data:`SETTINGS`."""
+
+
+class _Names(tuple[str, ...]):
+    """Type marker of name lists (a TOML list, or ``a,b,c``) in :data:`SETTINGS`."""
 
 
 #: setting -> (type, environment variable)
@@ -297,6 +335,8 @@ SETTINGS: Final[dict[str, tuple[type, str]]] = {
     "containers": (bool, "CLOUDMON_CONTAINERS"),
     "gpus": (bool, "CLOUDMON_GPUS"),
     "budget_ms": (float, "CLOUDMON_BUDGET_MS"),
+    "allow_actions": (_Names, "CLOUDMON_ALLOW_ACTIONS"),
+    "migrate_uri": (str, "CLOUDMON_MIGRATE_URI"),
 }
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -313,6 +353,12 @@ def _convert(kind: type, value: object) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError
         return _parse_size(value)
+    if kind is _Names:
+        if isinstance(value, str):
+            return tuple(part.strip() for part in value.split(",") if part.strip())
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise TypeError
     if kind is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
             raise TypeError
@@ -360,7 +406,7 @@ def _coerce(name: str, value: object, where: str) -> Any:
         if check is not None:
             value = check(value)
     except (TypeError, ValueError) as exc:
-        kind_name = "int" if kind is _Size else kind.__name__
+        kind_name = {_Size: "int", _Names: "list of names"}.get(kind, kind.__name__)
         detail = str(exc) if isinstance(exc, ValueError) and str(exc) else f"expected a {kind_name}"
         if "could not convert" in detail:
             detail = f"expected a number, got {value!r}"

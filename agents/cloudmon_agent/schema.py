@@ -13,7 +13,7 @@ collector of the same major version.
 
 from __future__ import annotations
 
-from typing import Annotated, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -148,6 +148,10 @@ class NodeInfo(msgspec.Struct, frozen=True):
     os: Annotated[str, msgspec.Meta(max_length=255)] = ""
     cpu_count: NonNegInt = 0
     agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    #: The libvirt URI other hosts use to reach this host's libvirtd (the
+    #: destination of a live migration, e.g. ``qemu+tcp://10.0.0.7/system``);
+    #: empty when the agent was not given one (``migrate_uri``).  Added in v1.
+    migrate_uri: Annotated[str, msgspec.Meta(max_length=1024)] = ""
 
 
 class ProcessInfo(msgspec.Struct, frozen=True):
@@ -274,6 +278,144 @@ class BudgetStats(msgspec.Struct, frozen=True):
     throttled: list[Throttle] = []
 
 
+# -- commands: collector -> agent, results: agent -> collector (added within v1) ----------------
+
+#: Every action an agent can execute; each node runs only those in its ``allow_actions``.
+ACTIONS: Final[tuple[str, ...]] = ("vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state")
+Action = Literal["vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state"]
+CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+VmName = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
+Path_ = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+
+
+class Command(msgspec.Struct, frozen=True):
+    """One action the collector asks an agent to carry out; rides back on an ingest answer.
+
+    ``action`` is a plain string on the wire, not :data:`Action`: an agent that
+    does not know a newer action must still decode the answer (and the report
+    it acknowledges), then refuse that one command with a clear result.
+    ``params`` are checked per action by :func:`command_params`.
+
+    ``deadline`` is the collector's clock (epoch seconds); ``timeout_s`` is the
+    time that was left when the collector sent it, which is what the agent goes
+    by, so clock skew between the two machines does not matter.  The collector
+    sends a command again with every answer until the agent reports on it; the
+    agent executes each ``id`` at most once.
+    """
+
+    id: CommandId
+    action: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    deadline: float
+    timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86400)]
+    params: dict[str, Any] = {}
+
+
+class VmRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of ``vm.start``, ``vm.delete`` and ``vm.state``: the domain's name."""
+
+    vm: VmName
+
+
+class StopParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of ``vm.stop``: ACPI shutdown, then (``force``) destroy after ``timeout_s``."""
+
+    vm: VmName
+    timeout_s: Seconds = 60.0
+    force: bool = True
+
+
+class CreateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of ``vm.create``: the fields of the agent's ``vmops.VmSpec``.
+
+    ``base_image`` (cloned copy-on-write into ``overlay_dir``) and/or
+    ``template_xml`` (a domain XML file on the host); paths are the host's.
+    """
+
+    name: VmName
+    vcpus: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
+    memory_mib: Annotated[int, msgspec.Meta(ge=16, le=16 << 20)] = 512
+    base_image: Path_ | None = None
+    base_format: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "qcow2"
+    overlay_dir: Path_ | None = None
+    template_xml: Path_ | None = None
+    domain_type: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "kvm"
+    network: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    kernel: Path_ | None = None
+    initrd: Path_ | None = None
+    cmdline: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
+    group: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    start: bool = True
+
+
+class MigrateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of ``vm.migrate``: live (peer to peer) migration of ``vm`` to ``dest_uri``.
+
+    ``dest_uri`` is the destination host's advertised ``NodeInfo.migrate_uri``.
+    ``timeout_s`` bounds the migration job (default: the command's time left);
+    past it the job is aborted and the VM keeps running on the source.
+    ``data_uri`` sets where the memory stream goes (``tcp://ADDRESS``) when the
+    destination's own ``migration_host`` setting is not enough.
+    """
+
+    vm: VmName
+    dest_uri: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    live: bool = True
+    timeout_s: Seconds | None = None
+    bandwidth_mib: Annotated[int, msgspec.Meta(ge=1)] | None = None
+    data_uri: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+
+
+#: The parameter struct of each action.
+PARAMS: Final[dict[str, type[msgspec.Struct]]] = {
+    "vm.create": CreateParams,
+    "vm.start": VmRef,
+    "vm.stop": StopParams,
+    "vm.delete": VmRef,
+    "vm.migrate": MigrateParams,
+    "vm.state": VmRef,
+}
+
+
+def command_params(action: str, params: dict[str, Any]) -> msgspec.Struct:
+    """``params`` validated as ``action``'s parameter struct, or :class:`SchemaError` naming the field."""
+    kind = PARAMS.get(action)
+    if kind is None:
+        raise SchemaError(f"unknown action {action!r}; known actions: {', '.join(ACTIONS)}")
+    try:
+        return msgspec.convert(params, kind)
+    except msgspec.ValidationError as exc:
+        raise SchemaError(f"invalid parameters for {action}: {exc}") from None
+
+
+class CommandProgress(msgspec.Struct, frozen=True):
+    """A command the agent has taken and not finished: ``state`` queued or running.
+
+    Reports carry one per such command; the first also tells the collector the
+    command arrived (it stops resending it).  ``detail`` holds figures such as
+    a migration's ``data_processed`` / ``data_total`` bytes.
+    """
+
+    id: CommandId
+    state: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    detail: dict[str, Any] = {}
+
+
+class CommandResult(msgspec.Struct, frozen=True):
+    """How a command ended.  ``error`` says what went wrong and how to fix it when not ``ok``.
+
+    Reports carry a result until the collector acknowledges it
+    (``IngestResponse.acked``); the collector keeps the first and ignores copies.
+    """
+
+    id: CommandId
+    ok: bool
+    started: float
+    finished: float
+    error: str | None = None
+    detail: dict[str, Any] = {}
+
+
 class Report(msgspec.Struct, frozen=True):
     """One sample of one node: what an agent pushes once per interval."""
 
@@ -291,13 +433,21 @@ class Report(msgspec.Struct, frozen=True):
     containers: list[Container] = []
     gpus: list[Gpu] = []
     budget: BudgetStats | None = None
+    #: Commands the agent has taken and not finished, and results not yet acknowledged.
+    progress: list[CommandProgress] = []
+    results: list[CommandResult] = []
 
 
 class IngestResponse(msgspec.Struct, frozen=True):
-    """The collector's answer to a report.  Commands ride back here (later)."""
+    """The collector's answer to a report: pending commands for the node ride back here.
+
+    ``acked`` lists the ids of the results in the request that the collector
+    has recorded (or had already): the agent stops sending those.
+    """
 
     accepted: int
-    commands: list[dict[str, object]] = []
+    commands: list[Command] = []
+    acked: list[str] = []
 
 
 class _Envelope(msgspec.Struct):
