@@ -1,0 +1,1 @@
+"""Auto-scaling groups (AWS EC2 Auto Scaling semantics): specs, policies, controller, service."""
