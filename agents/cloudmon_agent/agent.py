@@ -491,7 +491,7 @@ class Agent:
         executor = self._executor
         if executor is None or answer is None:
             return
-        if answer.acked:
+        if isinstance(answer.acked, list) and answer.acked:
             executor.acked(answer.acked)
         if answer.commands:
             executor.submit(answer.commands)

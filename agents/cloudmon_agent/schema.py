@@ -442,12 +442,13 @@ class IngestResponse(msgspec.Struct, frozen=True):
     """The collector's answer to a report: pending commands for the node ride back here.
 
     ``acked`` lists the ids of the results in the request that the collector
-    has recorded (or had already): the agent stops sending those.
+    has recorded (or had already): the agent stops sending those.  It is left
+    out of the answer when there are none (the common answer stays as it was).
     """
 
     accepted: int
     commands: list[Command] = []
-    acked: list[str] = []
+    acked: list[str] | msgspec.UnsetType = msgspec.UNSET
 
 
 class _Envelope(msgspec.Struct):

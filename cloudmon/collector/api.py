@@ -14,8 +14,9 @@ import msgspec
 
 import cloudmon
 from cloudmon.client import NodeDetail, NodesResponse
+from cloudmon.collector.commands import CommandView, SubmitCommand
 from cloudmon.store.base import SeriesResult
-from cloudmon_agent.schema import SUPPORTED_VERSIONS, IngestResponse, Report
+from cloudmon_agent.schema import ACTIONS, SUPPORTED_VERSIONS, IngestResponse, Report
 
 API_PREFIX: Final = "/api/v1"
 #: Most reports one ingest request may carry (agents replaying their spool batch them).
@@ -222,6 +223,34 @@ ROUTES: Final[tuple[Route, ...]] = (
         "Collector health and counters",
         ok={200: ("Status", _JSON, _ref("StatusResponse"))},
     ),
+    # -- commands for agents (cloudmon.collector.commands) --
+    Route(
+        "POST",
+        f"{API_PREFIX}/nodes/{{node_id}}/commands",
+        "handle_submit_command",
+        "Queue a command for a node's agent",
+        f"Actions: {', '.join(ACTIONS)}; parameters are checked per action. The command rides back "
+        "on the answer to the node's next report; the agent runs it only if its allow_actions "
+        "lists the action, at most once, and reports progress and the result in later reports. "
+        "Poll GET /api/v1/commands/{id}. A command not picked up or finished by timeout_s expires; "
+        "nothing is retried.",
+        params=(Param("node_id", "path", {"type": "string"}, "Node id", required=True),),
+        body=_ref("SubmitCommand"),
+        ok={202: ("Queued", _JSON, _ref("CommandView"))},
+        errors={
+            400: "Unknown action, invalid parameters (named) or too many commands waiting",
+            404: "Unknown node",
+        },
+    ),
+    Route(
+        "GET",
+        f"{API_PREFIX}/commands/{{command_id}}",
+        "handle_command",
+        "A command's state (queued, sent, done, expired), progress and result",
+        params=(Param("command_id", "path", {"type": "string"}, "Command id", required=True),),
+        ok={200: ("The command", _JSON, _ref("CommandView"))},
+        errors={404: "Unknown command (finished ones are kept for an hour)"},
+    ),
     Route(
         "GET",
         f"{API_PREFIX}/openapi.json",
@@ -241,6 +270,8 @@ _COMPONENT_TYPES: Final = (
     StatusResponse,
     ErrorResponse,
     HealthResponse,
+    SubmitCommand,
+    CommandView,
 )
 
 

@@ -40,13 +40,14 @@ from cloudmon.collector.api import (
     StatusResponse,
     openapi_document,
 )
+from cloudmon.collector.commands import CommandError, CommandQueue, SubmitCommand
 from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.collector.writer import StoreWriter
 from cloudmon.config import Config, ConfigError
 from cloudmon.model.cluster import SUMMARY_METRICS, ClusterModel, NodeState, NodeStatus
 from cloudmon.store import redact_url
 from cloudmon.store.base import NodeRecord, Sample, StoreError, StoreUnavailable, TelemetryStore
-from cloudmon_agent.schema import IngestResponse, Report, SchemaError, decode_report, flatten
+from cloudmon_agent.schema import Command, IngestResponse, Report, SchemaError, decode_report, flatten
 
 if TYPE_CHECKING:
     # The shared queue needs redis-py, an optional extra: imported only when configured.
@@ -112,7 +113,10 @@ def _check(report: Report) -> Report:
 
 def _node_info(report: Report) -> dict[str, object]:
     n = report.node
-    return {"os": n.os, "cpu_count": n.cpu_count, "agent_version": n.agent_version}
+    info: dict[str, object] = {"os": n.os, "cpu_count": n.cpu_count, "agent_version": n.agent_version}
+    if n.migrate_uri:
+        info["migrate_uri"] = n.migrate_uri
+    return info
 
 
 _encoder: Final = msgspec.json.Encoder()
@@ -137,6 +141,8 @@ class Collector:
     ``await start()`` binds (``listen_port`` 0 picks a free port; see ``.url`` and
     ``.port``) and ``await close()`` stops the server, ends streams, flushes the
     writer and joins its threads.  The store is the caller's: it is not closed here.
+    ``commands`` (default: a new one) holds the commands for agents; they ride
+    back on ingest answers (``.commands``).
     """
 
     def __init__(
@@ -145,6 +151,7 @@ class Collector:
         store: TelemetryStore,
         token: str,
         clock: Callable[[], float] = time.time,
+        commands: CommandQueue | None = None,
     ) -> None:
         if not token:
             where = "" if config.is_loopback else f" (it listens on non-loopback {config.listen_host})"
@@ -157,6 +164,7 @@ class Collector:
         self._token = token.encode("utf-8")
         self._clock = clock
         self.model = ClusterModel(config.node_timeout)
+        self.commands = commands if commands is not None else CommandQueue(clock)
         self._writer = StoreWriter(store, config.write_queue_max, clock)
         self._hub = StreamHub(STREAM_MAX_SAMPLES)
         # Off by default: only with a queue URL do reports go through Redis (see queue.py).
@@ -468,7 +476,47 @@ class Collector:
                 hub.publish_sample(r.node_id, sse_event("sample", _encoder.encode(event)))
         n = len(reports)
         self._accepted += n
+        commands, acked = self._commands_for(reports)
+        if commands or acked:
+            return _json(_encoder.encode(IngestResponse(accepted=n, commands=commands, acked=acked or msgspec.UNSET)))
         return _json(_ACCEPTED_ONE if n == 1 else _encoder.encode(IngestResponse(accepted=n)))
+
+    # -- commands: ride back on ingest answers (cloudmon.collector.commands) ------------
+
+    def _commands_for(self, reports: list[Report]) -> tuple[list[Command], list[str]]:
+        """Record the reports' command progress and results; the commands for their nodes."""
+        queue = self.commands
+        acked: list[str] = []
+        nodes: dict[str, None] = {}
+        for r in reports:
+            nodes[r.node_id] = None
+            if r.progress or r.results:
+                acked += queue.report(r.node_id, r.progress, r.results)
+        commands = [c for node_id in nodes for c in queue.take(node_id)]
+        return commands, list(dict.fromkeys(acked))
+
+    async def handle_submit_command(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/nodes/{node_id}/commands``: queue a command for the node's agent."""
+        node_id = request.match_info["node_id"]
+        if self.model.get(node_id) is None:
+            return _error(404, f"unknown node {node_id!r}: commands go to nodes whose agent reports here")
+        try:
+            body = msgspec.json.decode(await request.read(), type=SubmitCommand)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            return _error(400, f"invalid command: {exc}")
+        try:
+            handle = self.commands.submit(node_id, body.action, body.params, body.timeout_s)
+        except CommandError as exc:
+            return _error(400, str(exc))
+        return _json(_encoder.encode(handle.view()), status=202)
+
+    async def handle_command(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/commands/{command_id}``: a command's state, progress and result."""
+        command_id = request.match_info["command_id"]
+        handle = self.commands.get(command_id)
+        if handle is None:
+            return _error(404, f"unknown command {command_id!r} (finished ones are kept for an hour)")
+        return _json(_encoder.encode(handle.view()))
 
     # -- read API --------------------------------------------------------------------------
 
@@ -677,8 +725,9 @@ class CollectorThread:
         store: TelemetryStore,
         token: str,
         clock: Callable[[], float] = time.time,
+        commands: CommandQueue | None = None,
     ) -> None:
-        self.collector = Collector(config, store, token, clock)
+        self.collector = Collector(config, store, token, clock, commands)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
