@@ -47,6 +47,8 @@ if [ "$mode" = test ]; then
   # node_exporter as the agent benchmark's reference peer.
   pkgs+=(libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 qemu-utils libvirt-clients libvirt-dev pkg-config
          gcc python3-dev redis-server prometheus-node-exporter iproute2)
+  # HAProxy for the load-balancer tests (started by the tests through its runtime API).
+  pkgs+=(haproxy)
 fi
 
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -337,3 +337,106 @@ def fresh_store_url(request: pytest.FixtureRequest, backend: str) -> str:
         mongo_srv: MongoServer = request.getfixturevalue("mongo_session_server")
         return mongo_srv.url.replace("/cloudmon_test?", f"/t{tag}?")
     raise ValueError(f"backend: no test server for {backend!r} (use 'redis' or 'mongodb')")
+
+
+class HaproxyServer(_Server):
+    """A private ``haproxy`` (Debian's) in the foreground (``-db``), with an admin runtime socket.
+
+    ``backends`` maps each backend name to its servers as ``{server: (port, weight)}`` on
+    127.0.0.1; the frontend on :attr:`port` routes to the first backend.  The admin socket is
+    a Unix socket (:attr:`socket_path`) and a TCP one (:attr:`stats_address`), both
+    ``level admin``.  Readiness: the frontend port accepts and the socket answers ``show info``.
+    """
+
+    name = "haproxy"
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int,
+        backends: dict[str, dict[str, tuple[int, int]]],
+        *,
+        balance: str = "roundrobin",
+    ) -> None:
+        import tempfile  # kept local: this helper is appended to a shared module
+
+        super().__init__(directory, port)
+        self.backends = backends
+        self.balance = balance
+        self.stats_port = free_port()
+        # A Unix socket path must fit in sun_path (108 bytes); pytest's tmp paths may not.
+        short = len(str(directory)) >= 80
+        sock_dir = Path(tempfile.mkdtemp(prefix="cm-hap-")) if short else directory
+        self._own_sock_dir = sock_dir if short else None
+        self.socket_path = sock_dir / "admin.sock"
+        self.config_path = directory / "haproxy.cfg"
+
+    @classmethod
+    def start(
+        cls,
+        directory: Path,
+        backends: dict[str, dict[str, tuple[int, int]]],
+        *,
+        balance: str = "roundrobin",
+        port: int | None = None,
+    ) -> HaproxyServer:
+        """Write the config, start haproxy on ``port`` (a free one by default) and wait until ready."""
+        server = cls(directory, port or free_port(), backends, balance=balance)
+        server._launch()
+        return server
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` (the frontend)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def stats_address(self) -> str:
+        """``127.0.0.1:PORT`` of the TCP admin socket."""
+        return f"127.0.0.1:{self.stats_port}"
+
+    def _config(self) -> str:
+        lines = [
+            "global",
+            f"    stats socket {self.socket_path} mode 600 level admin",
+            f"    stats socket 127.0.0.1:{self.stats_port} level admin",
+            "    stats timeout 30s",
+            "defaults",
+            "    mode http",
+            "    timeout connect 2s",
+            "    timeout client 30s",
+            "    timeout server 30s",
+            "frontend fe",
+            f"    bind 127.0.0.1:{self.port}",
+            f"    default_backend {next(iter(self.backends))}",
+        ]
+        for backend, servers in self.backends.items():
+            lines += [f"backend {backend}", f"    balance {self.balance}"]
+            lines += [f"    server {name} 127.0.0.1:{p} weight {w}" for name, (p, w) in servers.items()]
+        return "\n".join(lines) + "\n"
+
+    def _command(self) -> list[str]:
+        self.config_path.write_text(self._config())
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()  # a stale socket file from a previous run
+        exe = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        # -db: foreground, no daemon, so Popen's pid is haproxy's pid.
+        return [exe, "-db", "-f", str(self.config_path)]
+
+    def close(self) -> None:
+        """Stop haproxy (by pid) and remove its short socket directory if it made one.  Idempotent."""
+        super().close()
+        if self._own_sock_dir is not None:
+            shutil.rmtree(self._own_sock_dir, ignore_errors=True)
+
+    def _ready(self) -> bool:
+        if not port_open(self.port):
+            return False
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(0.5)
+                s.connect(str(self.socket_path))
+                s.sendall(b"show info\n")
+                return s.recv(64).startswith(b"Name: HAProxy")
+        except OSError:
+            return False
