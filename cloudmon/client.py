@@ -14,6 +14,13 @@ The API (served by :mod:`cloudmon.collector`, documented at
     GET  /api/v1/stream[?node=ID]       Server-Sent Events: "nodes" every second,
                                         "sample" for each report of node ID
     GET  /api/v1/status                 collector health and counters
+    GET  /api/v1/groups                 auto-scaling groups with instances and metric
+    GET  /api/v1/groups/{name}/activity?limit=N   the group's decisions, newest first
+    PUT  /api/v1/groups/{name}          create or replace a group (body: its spec)
+    DELETE /api/v1/groups/{name}[?force=true]     delete a group
+    GET  /api/v1/balance                rebalancing settings, imbalance, plan, execution
+    POST /api/v1/balance/plan           compute a plan (body: settings)
+    POST /api/v1/balance/plan/{id}/approve|reject
     GET  /healthz                       readiness (no token)
 
 Every ``/api/v1`` call needs ``Authorization: Bearer TOKEN``.
@@ -25,7 +32,7 @@ import http.client
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import quote, urlencode, urlsplit
 
 import msgspec
 
@@ -143,6 +150,53 @@ class ApiClient:
         result: dict[str, Any] = msgspec.json.decode(self.get("/api/v1/status"))
         return result
 
+    # --- auto-scaling groups and rebalancing -------------------------------------
+    # These return the collector's JSON documents as plain dicts: the console
+    # reads them defensively, so a field added on the server never breaks it.
+
+    def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        raw = self.request(method, path, None if body is None else msgspec.json.encode(body))
+        doc = msgspec.json.decode(raw) if raw else {}
+        if not isinstance(doc, dict):
+            # ValueError, not TypeError: the workers report it as an unexpected answer.
+            raise ValueError(  # noqa: TRY004
+                f"{method} {path}: expected a JSON object, got {type(doc).__name__}"
+            )
+        return doc
+
+    def groups(self) -> dict[str, Any]:
+        """``GET /groups``: ``{"groups": [group, ...]}``."""
+        return self._json("GET", "/api/v1/groups")
+
+    def group_activity(self, name: str, limit: int = 100) -> dict[str, Any]:
+        """``GET /groups/{name}/activity``: ``{"events": [...]}``, newest first."""
+        return self._json("GET", f"/api/v1/groups/{_seg(name)}/activity?{urlencode({'limit': limit})}")
+
+    def put_group(self, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /groups/{name}`` with the group's spec: ``{"group": group}``."""
+        return self._json("PUT", f"/api/v1/groups/{_seg(name)}", spec)
+
+    def delete_group(self, name: str, force: bool = False) -> dict[str, Any]:
+        """``DELETE /groups/{name}``; ``force`` deletes even with running instances."""
+        suffix = "?force=true" if force else ""
+        return self._json("DELETE", f"/api/v1/groups/{_seg(name)}{suffix}")
+
+    def balance(self) -> dict[str, Any]:
+        """``GET /balance``: settings, imbalance history, hosts, plan and execution."""
+        return self._json("GET", "/api/v1/balance")
+
+    def compute_plan(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """``POST /balance/plan`` with settings: ``{"plan": plan}``."""
+        return self._json("POST", "/api/v1/balance/plan", settings)
+
+    def approve_plan(self, plan_id: str) -> dict[str, Any]:
+        """``POST /balance/plan/{id}/approve``: ``{"plan": plan}``."""
+        return self._json("POST", f"/api/v1/balance/plan/{_seg(plan_id)}/approve", {})
+
+    def reject_plan(self, plan_id: str) -> dict[str, Any]:
+        """``POST /balance/plan/{id}/reject``: ``{"plan": plan}``."""
+        return self._json("POST", f"/api/v1/balance/plan/{_seg(plan_id)}/reject", {})
+
     def stream(self, node_id: str | None = None, timeout: float = 10.0) -> Iterator[StreamEvent]:
         """Yield live events until the connection ends (own connection; close by breaking)."""
         conn = self._connect(timeout)
@@ -184,6 +238,11 @@ class ApiClient:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _seg(value: str) -> str:
+    """One URL path segment: a group named ``a/b`` must not become two segments."""
+    return quote(str(value), safe="")
 
 
 def _listify(v: Any) -> list[Any]:

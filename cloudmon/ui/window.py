@@ -32,7 +32,10 @@ from cloudmon.ui.overview import OverviewPage
 from cloudmon.ui.workers import Reply, RequestTracker, RequestWorker, StreamState, StreamWorker
 
 if TYPE_CHECKING:
+    from cloudmon.ui.balance import BalancePage
+    from cloudmon.ui.groups import GroupsPage
     from cloudmon.ui.nodepage import NodePage
+    from cloudmon.ui.polling import PollingPage
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +70,9 @@ class MainWindow(QMainWindow):
         self.connected: bool | None = None
         self.pages: dict[str, NodePage] = {}
         self._closing_pages: list[NodePage] = []
+        #: The Groups and Balance pages, by key, while their tabs are open.
+        self.tool_pages: dict[str, PollingPage] = {}
+        self._closing_tools: list[PollingPage] = []
         self._skew = 0.0
         self._last_snapshot = 0.0
         self._started_at = 0.0
@@ -133,11 +139,22 @@ class MainWindow(QMainWindow):
         self.add_node_action.setIconText("Add node…")
         self.add_node_action.setToolTip("How to connect a machine to this collector")
         self.add_node_action.triggered.connect(self.show_add_node)
+        self.groups_action = QAction("Groups", self)
+        self.groups_action.setShortcut(QKeySequence("Ctrl+2"))
+        self.groups_action.setToolTip("Auto-scaling groups: instances, activity, create and edit (Ctrl+2)")
+        self.groups_action.triggered.connect(self.open_groups)
+        self.balance_action = QAction("Balance", self)
+        self.balance_action.setShortcut(QKeySequence("Ctrl+3"))
+        self.balance_action.setToolTip("Rebalancing: imbalance, plans, approval and progress (Ctrl+3)")
+        self.balance_action.triggered.connect(self.open_balance)
         close_tab = QAction("Close node tab", self)
         close_tab.setShortcut(QKeySequence.StandardKey.Close)
         close_tab.triggered.connect(lambda: self._close_tab(self.tabs.currentIndex()))
         self.addAction(close_tab)
         self.addAction(self.overview_action)
+        tb.addAction(self.groups_action)
+        tb.addAction(self.balance_action)
+        tb.addSeparator()
         tb.addAction(self.add_node_action)
         self.addToolBar(tb)
 
@@ -176,7 +193,12 @@ class MainWindow(QMainWindow):
         self._empty_timer.stop()
         self._reap_timer.stop()
         self.overview.shutdown()
-        pages = [*self.pages.values(), *self._closing_pages]
+        pages: list[NodePage | PollingPage] = [
+            *self.pages.values(),
+            *self._closing_pages,
+            *self.tool_pages.values(),
+            *self._closing_tools,
+        ]
         # Ask everyone to stop first, then join: the waits overlap.
         self._stream.stop()
         for page in pages:
@@ -187,6 +209,8 @@ class MainWindow(QMainWindow):
             page.shutdown()
         self.pages.clear()
         self._closing_pages.clear()
+        self.tool_pages.clear()
+        self._closing_tools.clear()
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.shutdown()
@@ -314,6 +338,9 @@ class MainWindow(QMainWindow):
 
     def _close_tab(self, index: int) -> None:
         page = self.tabs.widget(index)
+        if page is not None and page in self.tool_pages.values():
+            self._close_tool(page)  # type: ignore[arg-type]
+            return
         if page is not None and page is not self.overview:
             node_id = getattr(page, "node_id", None)
             if node_id in self.pages:
@@ -340,8 +367,66 @@ class MainWindow(QMainWindow):
                 page.shutdown()
                 page.deleteLater()
         self._closing_pages = still
-        if not still:
+        tools: list[PollingPage] = []
+        for tool in self._closing_tools:
+            if tool.threads_alive():
+                tools.append(tool)
+            else:
+                tool.shutdown()
+                tool.deleteLater()
+        self._closing_tools = tools
+        if not still and not tools:
             self._reap_timer.stop()
+
+    # --- groups and balance ----------------------------------------------------------
+
+    def open_groups(self) -> GroupsPage:
+        """Show the Groups tab, creating it on first use."""
+        from cloudmon.ui.groups import GroupsPage
+
+        page = self.tool_pages.get("groups")
+        if page is None:
+            page = GroupsPage(self.url, self.token, self)
+            self._add_tool_tab("groups", page, "Groups")
+        assert isinstance(page, GroupsPage)
+        self.tabs.setCurrentWidget(page)
+        return page
+
+    def open_balance(self) -> BalancePage:
+        """Show the Balance tab, creating it on first use (pyqtgraph loads then)."""
+        from cloudmon.ui.balance import BalancePage
+
+        page = self.tool_pages.get("balance")
+        if page is None:
+            page = BalancePage(self.url, self.token, self)
+            self._add_tool_tab("balance", page, "Balance")
+        assert isinstance(page, BalancePage)
+        self.tabs.setCurrentWidget(page)
+        return page
+
+    def _add_tool_tab(self, key: str, page: PollingPage, label: str) -> None:
+        self.tool_pages[key] = page
+        # Next to the overview, before the node tabs.
+        index = self.tabs.insertTab(1 + len(self.tool_pages) - 1, page, label)
+        close = QToolButton(self.tabs)
+        close.setObjectName("tabClose")
+        close.setText("×")
+        close.setToolTip(f"Close the {label} page (Ctrl+W)")
+        close.setAutoRaise(True)
+        close.clicked.connect(lambda _=False, p=page: self._close_tool(p))
+        self.tabs.tabBar().setTabButton(index, QTabBar.ButtonPosition.RightSide, close)
+        page.start()
+
+    def _close_tool(self, page: PollingPage) -> None:
+        key = next((k for k, p in self.tool_pages.items() if p is page), None)
+        if key is None:
+            return
+        del self.tool_pages[key]
+        self.tabs.removeTab(self.tabs.indexOf(page))
+        page.stop_async()
+        page.hide()
+        self._closing_tools.append(page)
+        self._reap_timer.start()
 
     def show_add_node(self) -> AddNodeDialog:
         """Open the Add node dialog (non-modal, so the console keeps updating)."""

@@ -1,11 +1,16 @@
 """Render the console with real data and save PNGs, to look at it.
 
-    python -m tests.gui.render_screenshots [OUTDIR]      (default: <repo>/artifacts/screens)
+    python -m tests.gui.render_screenshots [--pages] [OUTDIR]   (default: <repo>/artifacts/screens)
+
+``--pages`` renders only the Groups and Balance pages with sample data (fast).
 
 Starts a real collector (port 0) on a real embedded store in a temp dir,
 three in-process agents (one is stopped so that it turns unreachable) and an
 hour of synthetic history for one node, then saves: the overview, a node page
 (live and 1 h), the Add node dialog, and a window pointed at a closed port.
+Then the Groups and Balance pages (``groups*.png``, ``balance*.png``) fed with
+the realistic answers of ``tests.gui.sample_data`` through their ``apply_*``
+slots, plus the window's own Groups and Balance tabs on the real collector.
 Runs offscreen unless ``QT_QPA_PLATFORM`` says otherwise.  Not a test.
 """
 
@@ -147,6 +152,8 @@ def render(outdir: Path, store: TelemetryStore, tmp: Path) -> None:
         settle(app, 0.5)
         grab(dialog, outdir / "add-node.png")
         dialog.close()
+
+        render_tabs(outdir, window, app)
     finally:
         if window is not None:
             window.close()
@@ -166,11 +173,86 @@ def render(outdir: Path, store: TelemetryStore, tmp: Path) -> None:
     finally:
         down.close()
         down.shutdown()
+    render_pages(outdir, app)
+
+
+def render_pages(outdir: Path, app: QApplication) -> None:
+    """The Groups and Balance pages with realistic data, standalone (no worker started)."""
+    from cloudmon.ui.balance import BalancePage
+    from cloudmon.ui.groups import GroupsPage
+    from tests.gui import sample_data
+
+    now = time.time()
+    groups = GroupsPage("http://127.0.0.1:9", None)
+    groups.resize(1280, 760)
+    groups.show()
+    try:
+        groups.apply_groups({"groups": []})
+        settle(app, 0.2)
+        grab(groups, outdir / "groups-empty.png")
+        groups.apply_groups(sample_data.groups_answer(now))
+        groups.select_group("web")
+        groups.apply_activity(sample_data.activity_answer(now))
+        settle(app, 0.3)
+        grab(groups, outdir / "groups.png")
+        groups.show_error("Could not load the groups: HTTP 503: the store is unavailable (retrying)")
+        dialog = groups.edit_group()
+        assert dialog is not None
+        settle(app, 0.3)
+        grab(dialog, outdir / "group-dialog.png")
+        dialog.tabs.setCurrentIndex(1)
+        dialog.policy_list.setCurrentRow(1)
+        dialog.show_error("HTTP 422: max_size (8) must be at least min_size (10)")
+        settle(app, 0.3)
+        grab(dialog, outdir / "group-dialog-policies.png")
+        dialog.close()
+    finally:
+        groups.close()
+        groups.shutdown()
+
+    balance = BalancePage("http://127.0.0.1:9", None)
+    balance.resize(1280, 800)
+    balance.show()
+    try:
+        balance.apply_balance(sample_data.balance_answer(now))
+        balance.rejected_toggle.setChecked(True)
+        settle(app, 0.3)
+        grab(balance, outdir / "balance.png")
+        balance.apply_balance(sample_data.balance_answer(now, executing=True))
+        balance.rejected_toggle.setChecked(False)
+        settle(app, 0.3)
+        grab(balance, outdir / "balance-running.png")
+        empty = sample_data.balance_answer(now)
+        empty["plan"] = dict(sample_data.plan(), moves=[], rejected=[], imbalance_after=0.284)
+        balance.apply_balance(empty)
+        settle(app, 0.3)
+        grab(balance, outdir / "balance-balanced.png")
+    finally:
+        balance.close()
+        balance.shutdown()
+
+
+def render_tabs(outdir: Path, window: MainWindow, app: QApplication) -> None:
+    """The window's own Groups and Balance tabs, polling the real collector."""
+    groups = window.open_groups()
+    wait(app, lambda: groups._loaded or groups.error_label.isVisible(), timeout=10)
+    settle(app, 0.5)
+    grab(window, outdir / "window-groups.png")
+    window.open_balance()
+    settle(app, 1.0)
+    grab(window, outdir / "window-balance.png")
 
 
 def main() -> int:
     repo = Path(__file__).resolve().parents[2]
-    outdir = Path(sys.argv[1]) if len(sys.argv) > 1 else repo / "artifacts" / "screens"
+    args = [a for a in sys.argv[1:] if a != "--pages"]
+    outdir = Path(args[0]) if args else repo / "artifacts" / "screens"
+    if "--pages" in sys.argv[1:]:
+        app = QApplication.instance() or QApplication(sys.argv[:1])
+        assert isinstance(app, QApplication)
+        apply_theme(app)
+        render_pages(outdir, app)
+        return 0
     with tempfile.TemporaryDirectory(prefix="cloudmon-render-") as d:
         tmp = Path(d)
         store = open_store(f"sqlite:///{tmp / 'telemetry.db'}")
