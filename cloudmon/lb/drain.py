@@ -104,7 +104,13 @@ class HaproxyDrainer:
 
     def drain(self, instance_id: str, timeout_s: float) -> DrainOutcome:
         """Drain ``instance_id``: ``drain`` state, wait for 0 sessions (at most
-        ``min(timeout_s, deregistration_delay_s)``), then ``maint``."""
+        ``min(timeout_s, deregistration_delay_s)``), then ``maint``.
+
+        ``drained`` is ``True`` only when no session or queued request was left.
+        A load-balancer failure ends the drain with ``drained=False`` and the
+        reason; servers already set to ``drain`` stay so (call :meth:`undrain`
+        to put them back if the migration or scale-in is abandoned).
+        """
         start = self._clock()
         targets = self._targets(instance_id)
         if not targets:
