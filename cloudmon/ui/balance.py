@@ -123,6 +123,22 @@ def bar_hosts(
     return sorted(sorted(hosts, key=change, reverse=True)[:limit])
 
 
+def host_tables(plan: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(hosts_before, hosts_after)`` of a plan, as ``{host: {"cpu", "mem"}}``.
+
+    Reads the contract's two maps, or the planner's own list
+    ``hosts: [{"host", "before", "after", ...}]`` when the maps are absent.
+    """
+    before, after = _dict(plan.get("hosts_before")), _dict(plan.get("hosts_after"))
+    if not before and not after:
+        for h in _dicts(plan.get("hosts")):
+            name = h.get("host") or h.get("name")
+            if name:
+                before[str(name)] = _dict(h.get("before"))
+                after[str(name)] = _dict(h.get("after"))
+    return before, after
+
+
 class HostBars:
     """Paired bars per host: utilisation before (grey) and after (blue) the plan."""
 
@@ -157,7 +173,9 @@ class HostBars:
         self.after_item.setOpts(x=x + 0.2, height=np.asarray(after, dtype=np.float64), width=0.38)
         # Long lists of hosts: show every n-th name so the labels stay readable.
         step = max(1, math.ceil(len(hosts) / 12))
-        ticks = [(float(i), f"{h}{' (off)' if h in off else ''}") for i, h in enumerate(hosts) if i % step == 0]
+        ticks = [
+            (float(i), f"{h}{' (off)' if h in off else ''}") for i, h in enumerate(hosts) if i % step == 0
+        ]
         self.plot.getAxis("bottom").setTicks([ticks, []])
         self.plot.setXRange(-0.6, max(len(hosts) - 0.4, 0.6), padding=0)
         self.plot.setTitle(title, size="9pt", justify="left")
@@ -231,10 +249,6 @@ class BalancePage(PollingPage):
         head.addWidget(title)
         head.addSpacing(10)
         head.addWidget(self.summary, 1)
-        self.error_label = QLabel(self)
-        self.error_label.setObjectName("pageError")
-        self.error_label.setWordWrap(True)
-        self.error_label.hide()
 
         top = QHBoxLayout()
         top.setSpacing(10)
@@ -356,9 +370,17 @@ class BalancePage(PollingPage):
         self.approve_button.clicked.connect(self.approve_plan)
         self.reject_button = QPushButton("Reject", bar)
         self.reject_button.clicked.connect(self.reject_plan)
-        lay.addWidget(self.plan_title, 1)
-        lay.addWidget(self.reject_button)
-        lay.addWidget(self.approve_button)
+        self.plan_notes = QLabel(bar)
+        self.plan_notes.setObjectName("planNotes")
+        self.plan_notes.setWordWrap(True)
+        self.plan_notes.hide()
+        text = QVBoxLayout()
+        text.setSpacing(2)
+        text.addWidget(self.plan_title)
+        text.addWidget(self.plan_notes)
+        lay.addLayout(text, 1)
+        lay.addWidget(self.reject_button, 0, Qt.AlignmentFlag.AlignTop)
+        lay.addWidget(self.approve_button, 0, Qt.AlignmentFlag.AlignTop)
         return bar
 
     def _build_plan(self) -> QWidget:
@@ -533,7 +555,7 @@ class BalancePage(PollingPage):
                 "approve": "Could not approve the plan",
                 "reject": "Could not reject the plan",
             }.get(reply.key, reply.key)
-            self.show_error(f"{what}: {reply.error}")
+            self.show_error(f"{what}: {reply.error}", reply.key)
             return
         try:
             if reply.key == "balance":
@@ -543,15 +565,11 @@ class BalancePage(PollingPage):
                     self._settings_touched = False
                 self.apply_plan(_dict(reply.value).get("plan"))
                 self.poll()  # execution state and settings follow the action
-            self.show_error(None)
+            # A poll clears only a poll's error; an action's answer clears any.
+            self.clear_error("balance" if reply.key == "balance" else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             logger.warning("unexpected %s answer: %s", reply.key, exc)
-            self.show_error(f"Unexpected answer from the collector for {reply.key}: {exc}")
-
-    def show_error(self, text: str | None) -> None:
-        """Show ``text`` in the page's error strip (None hides it)."""
-        self.error_label.setVisible(bool(text))
-        self.error_label.setText(f"⚠  {text}" if text else "")
+            self.show_error(f"Unexpected answer from the collector for {reply.key}: {exc}", reply.key)
 
     # --- data in -------------------------------------------------------------------
 
@@ -591,7 +609,9 @@ class BalancePage(PollingPage):
         self.plan_applied.emit()
 
     def _threshold_shown(self) -> int:
-        t = as_float(self.settings.get("threshold"))
+        t = as_float((self.plan or {}).get("threshold"))
+        if t is None:
+            t = as_float(self.settings.get("threshold"))
         return int(t) if t is not None else self.threshold.value()
 
     def _show_plan_state(self) -> None:
@@ -604,6 +624,7 @@ class BalancePage(PollingPage):
                 "Computing changes nothing: you see the moves and approve them."
             )
             self.plan_stack.setCurrentIndex(0)
+            self.plan_notes.hide()
             self._update_buttons()
             return
         moves = _dicts(plan.get("moves"))
@@ -627,6 +648,12 @@ class BalancePage(PollingPage):
                 f"<span style='color:#80858f'>computed {clock_time(plan['created'], self._clock())}</span>"
             )
         self.plan_title.setText("&nbsp;&nbsp;·&nbsp;&nbsp;".join(parts))
+        unresolved = [str(u) for u in plan.get("unresolved") or []]
+        notes = [str(n) for n in plan.get("notes") or []]
+        lines = [f"<span style='color:#b3261e'><b>Not fixed:</b> {u}</span>" for u in unresolved]
+        lines += [f"<span style='color:#5f6673'>{n}</span>" for n in notes]
+        self.plan_notes.setText("<br>".join(lines))
+        self.plan_notes.setVisible(bool(lines))
         if not moves:
             self.plan_empty.setText(
                 "<span style='font-size:14pt; color:#1e7a3c'>The cluster is balanced</span><br>"
@@ -643,7 +670,11 @@ class BalancePage(PollingPage):
 
     def _fill_moves(self, moves: list[dict[str, Any]]) -> None:
         self.moves.setRowCount(len(moves))
+        # Waves are shown from 1 whether the planner counts from 0 or from 1.
+        numbered = [w for m in moves if (w := as_float(m.get("wave"))) is not None]
+        first = min(numbered, default=1.0)
         for row, m in enumerate(moves):
+            wave = as_float(m.get("wave"))
             sb, sa = _dict(m.get("source_before")), _dict(m.get("source_after"))
             tb, ta = _dict(m.get("target_before")), _dict(m.get("target_after"))
             detail = (
@@ -655,7 +686,11 @@ class BalancePage(PollingPage):
             reason = str(m.get("reason") or "")
             mandatory = bool(m.get("mandatory"))
             cells = [
-                _item(number(m.get("wave")), "moves in one wave run together", right=True),
+                _item(
+                    "–" if wave is None else number(int(wave - first) + 1),
+                    "moves in one wave run together",
+                    right=True,
+                ),
                 _item(str(m.get("vm") or "?"), detail),
                 _item(f"{m.get('source', '?')} → {m.get('target', '?')}", detail),
                 _item(
@@ -703,7 +738,7 @@ class BalancePage(PollingPage):
 
     def _draw_bars(self) -> None:
         plan = self.plan or {}
-        before, after = _dict(plan.get("hosts_before")), _dict(plan.get("hosts_after"))
+        before, after = host_tables(plan)
         key = self.bar_metric
         hosts = bar_hosts(before, after, key)
 

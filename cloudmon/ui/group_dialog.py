@@ -43,7 +43,9 @@ from cloudmon.ui.polling import PAGE_STYLE, as_float, number
 
 PROVIDERS = ("simulated", "libvirt", "command")
 TERMINATION_POLICIES = ("oldest", "newest", "most_loaded_host")
-METRICS = ("cpu", "memory")
+METRICS = ("cpu.percent", "mem.percent")
+#: Step policies: ``"step"`` is the tag cloudmon.autoscale.model decodes; ``"step_scaling"`` is read too.
+STEP_TYPES = ("step", "step_scaling")
 COMPARISONS = (">", ">=", "<", "<=")
 ADJUSTMENT_TYPES = ("change_in_capacity", "exact_capacity", "percent_change_in_capacity")
 
@@ -96,7 +98,7 @@ def policy_summary(policy: dict[str, Any]) -> str:
     metric = policy.get("metric", "?")
     if kind == "target_tracking":
         return f"{name} · keep {metric} at {number(policy.get('target'))}"
-    if kind == "step_scaling":
+    if kind in STEP_TYPES:
         alarm = policy.get("alarm") if isinstance(policy.get("alarm"), dict) else {}
         assert isinstance(alarm, dict)
         return (
@@ -238,7 +240,7 @@ class GroupDialog(QDialog):
         add_tt = QPushButton("+ Target tracking", page)
         add_tt.clicked.connect(lambda: self.add_policy("target_tracking"))
         add_step = QPushButton("+ Step scaling", page)
-        add_step.clicked.connect(lambda: self.add_policy("step_scaling"))
+        add_step.clicked.connect(lambda: self.add_policy("step"))
         self.remove_policy_button = QPushButton("Remove", page)
         self.remove_policy_button.clicked.connect(self.remove_policy)
         bar = QHBoxLayout()
@@ -301,7 +303,7 @@ class GroupDialog(QDialog):
         self.policy_stack.addWidget(none)
         self.policy_stack.addWidget(tt)
         self.policy_stack.addWidget(st)
-        self._policy_pages = {"target_tracking": tt, "step_scaling": st}
+        self._policy_pages = {"target_tracking": tt, "step": st, "step_scaling": st}
         for w in (self.tt_name, self.st_name):
             w.textEdited.connect(self._store_policy)
         for c in (self.tt_metric, self.st_metric, self.st_comparison, self.st_adjustment):
@@ -459,14 +461,14 @@ class GroupDialog(QDialog):
             policy: dict[str, Any] = {
                 "type": kind,
                 "name": f"cpu-target-{n}",
-                "metric": "cpu",
+                "metric": "cpu.percent",
                 "target": 50.0,
             }
         else:
             policy = {
                 "type": kind,
                 "name": f"cpu-step-{n}",
-                "metric": "cpu",
+                "metric": "cpu.percent",
                 "alarm": {"threshold": 80.0, "comparison": ">", "duration_s": 180},
                 "adjustment_type": "change_in_capacity",
                 "steps": [
@@ -499,13 +501,13 @@ class GroupDialog(QDialog):
         try:
             if p.get("type") == "target_tracking":
                 self.tt_name.setText(str(p.get("name") or ""))
-                _set_combo(self.tt_metric, p.get("metric", "cpu"))
+                _set_combo(self.tt_metric, p.get("metric", "cpu.percent"))
                 self.tt_target.setValue(as_float(p.get("target")) or 0.0)
             else:
                 alarm = p.get("alarm") if isinstance(p.get("alarm"), dict) else {}
                 assert isinstance(alarm, dict)
                 self.st_name.setText(str(p.get("name") or ""))
-                _set_combo(self.st_metric, p.get("metric", "cpu"))
+                _set_combo(self.st_metric, p.get("metric", "cpu.percent"))
                 _set_combo(self.st_comparison, alarm.get("comparison", ">"))
                 self.st_threshold.setValue(as_float(alarm.get("threshold")) or 0.0)
                 self.st_duration.setValue(_int(alarm.get("duration_s"), 0))
@@ -531,7 +533,7 @@ class GroupDialog(QDialog):
                 metric=self.tt_metric.currentText().strip(),
                 target=self.tt_target.value(),
             )
-        elif p.get("type") == "step_scaling":
+        elif p.get("type") in STEP_TYPES:
             alarm = p.get("alarm") if isinstance(p.get("alarm"), dict) else {}
             assert isinstance(alarm, dict)
             alarm.update(

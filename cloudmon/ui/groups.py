@@ -64,8 +64,12 @@ KIND_LABELS: dict[str, str] = {
     "scheduled": "Scheduled action",
     "drain": "Draining",
     "drain_timeout": "Drain timed out",
-    "healthy": "Healthy",
-    "unhealthy": "Unhealthy",
+    "in_service": "In service",
+    "capacity_set": "Capacity set",
+    "group_put": "Group saved",
+    "group_deleting": "Deleting group",
+    "group_deleted": "Group deleted",
+    "error": "Error",
 }
 
 _GOOD, _BAD, _QUIET, _INFO, _WARN = "#1e7a3c", "#b3261e", "#80858f", "#1f5fbf", "#8a5a00"
@@ -74,7 +78,9 @@ KIND_COLOURS: dict[str, str] = {
     "scale_in": _INFO,
     "no_action": _QUIET,
     "launch": _GOOD,
+    "in_service": _GOOD,
     "terminate": _WARN,
+    "drain": _WARN,
     "replace_unhealthy": _WARN,
     "scheduled": _INFO,
 }
@@ -243,11 +249,6 @@ class GroupsPage(PollingPage):
         head.addWidget(self.edit_button)
         head.addWidget(self.delete_button)
 
-        self.error_label = QLabel(self)
-        self.error_label.setObjectName("pageError")
-        self.error_label.setWordWrap(True)
-        self.error_label.hide()
-
         self.table = _table(
             self, ["Group", "Capacity", "In service", "Metric / target", "Policies"], "groupTable"
         )
@@ -343,29 +344,24 @@ class GroupsPage(PollingPage):
             return
         if reply.key == "delete":
             if reply.error:
-                self.show_error(f"Could not delete the group: {reply.error}")
+                self.show_error(f"Could not delete the group: {reply.error}", "delete")
             else:
-                self.show_error(None)
+                self.clear_error()
                 self.poll()
             return
         if reply.error:
             what = "the groups" if reply.key == "groups" else "the activity history"
-            self.show_error(f"Could not load {what}: {reply.error}")
+            self.show_error(f"Could not load {what}: {reply.error}", reply.key)
             return
         try:
             if reply.key == "groups":
                 self.apply_groups(reply.value)
-                self.show_error(None)
+                self.clear_error("groups")
             elif reply.key == "activity":
                 self.apply_activity(reply.value)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             logger.warning("unexpected %s answer: %s", reply.key, exc)
-            self.show_error(f"Unexpected answer from the collector for {reply.key}: {exc}")
-
-    def show_error(self, text: str | None) -> None:
-        """Show ``text`` in the page's error strip (None hides it)."""
-        self.error_label.setVisible(bool(text))
-        self.error_label.setText(f"⚠  {text}" if text else "")
+            self.show_error(f"Unexpected answer from the collector for {reply.key}: {exc}", reply.key)
 
     # --- data in -------------------------------------------------------------------
 

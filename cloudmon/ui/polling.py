@@ -36,6 +36,7 @@ QLabel#emptyHint { color: #5f6673; }
 QLabel#dialogError {
     background: #fdecea; color: #8a1c12; border: 1px solid #f5c2bd; border-radius: 4px; padding: 6px 9px;
 }
+QLineEdit[readOnly="true"] { background: #f1f3f6; color: #5f6673; }
 QFrame#card { background: #ffffff; border: 1px solid #dfe2e6; border-radius: 4px; }
 QPushButton#primary { background: #1f5fbf; color: #ffffff; border: 1px solid #1a4f9f; border-radius: 4px;
     padding: 5px 14px; font-weight: bold; }
@@ -62,6 +63,12 @@ class PollingPage(QWidget):
         self._timer.timeout.connect(self.poll)
         self._started = False
         self._closed = False
+        self.error_label = QLabel(self)
+        self.error_label.setObjectName("pageError")
+        self.error_label.setWordWrap(True)
+        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.error_label.hide()
+        self._error_source: str | None = None
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -118,6 +125,23 @@ class PollingPage(QWidget):
         if self._closed or not self._tracker.is_current(reply):
             return
         self.on_reply(reply)
+
+    def show_error(self, text: str, source: str) -> None:
+        """Show ``text`` in the page's error strip; ``source`` is the request key it is about."""
+        self._error_source = source
+        self.error_label.setText(f"⚠  {text}")
+        self.error_label.show()
+
+    def clear_error(self, source: str | None = None) -> None:
+        """Hide the error strip if it is about ``source`` (any error when None).
+
+        A successful poll clears only a failed poll's error: the error of an
+        action the operator took (delete, approve) stays until the next action.
+        """
+        if source is None or self._error_source == source:
+            self._error_source = None
+            self.error_label.hide()
+            self.error_label.setText("")
 
     def poll(self) -> None:
         """Ask for the page's data (timer tick)."""

@@ -195,7 +195,9 @@ def render_pages(outdir: Path, app: QApplication) -> None:
         groups.apply_activity(sample_data.activity_answer(now))
         settle(app, 0.3)
         grab(groups, outdir / "groups.png")
-        groups.show_error("Could not load the groups: HTTP 503: the store is unavailable (retrying)")
+        groups.show_error(
+            "Could not load the groups: HTTP 503: the store is unavailable (retrying)", "groups"
+        )
         dialog = groups.edit_group()
         assert dialog is not None
         settle(app, 0.3)

@@ -32,14 +32,14 @@ def web_spec() -> dict[str, Any]:
             {
                 "type": "target_tracking",
                 "name": "cpu-60",
-                "metric": "cpu",
+                "metric": "cpu.percent",
                 "target": 60.0,
-                "disable_scale_in": False,
+                "scale_in_enabled": True,
             },
             {
-                "type": "step_scaling",
+                "type": "step",
                 "name": "cpu-burst",
-                "metric": "cpu",
+                "metric": "cpu.percent",
                 "alarm": {"threshold": 85.0, "comparison": ">", "duration_s": 180},
                 "adjustment_type": "change_in_capacity",
                 "steps": [
@@ -87,7 +87,7 @@ def groups_answer(now: float) -> dict[str, Any]:
                 "launched_at": now - 40,
             },
         ],
-        "metric": {"name": "cpu", "value": 71.4, "target": 60.0},
+        "metric": {"name": "cpu.percent", "value": 71.4, "target": 60.0},
         "simulated": True,
     }
     batch_spec = {
@@ -107,7 +107,7 @@ def groups_answer(now: float) -> dict[str, Any]:
         "termination_policy": "newest",
         "default_cooldown_s": 600,
         "drain_timeout_s": 120,
-        "policies": [{"type": "target_tracking", "name": "mem-70", "metric": "memory", "target": 70.0}],
+        "policies": [{"type": "target_tracking", "name": "mem-70", "metric": "mem.percent", "target": 70.0}],
         "scheduled": [],
     }
     batch = {
@@ -123,7 +123,7 @@ def groups_answer(now: float) -> dict[str, Any]:
                 "launched_at": now - 86400,
             }
         ],
-        "metric": {"name": "memory", "value": 52.0, "target": 70.0},
+        "metric": {"name": "mem.percent", "value": 52.0, "target": 70.0},
         "simulated": False,
     }
     return {"groups": [web, batch]}
@@ -231,19 +231,19 @@ def plan(status: str = "proposed") -> dict[str, Any]:
             "db-replica-2",
             "node-01",
             "node-04",
-            1,
+            0,
             0.071,
             42.0,
             "node-01 CPU 91 % is 33 points above the mean",
         ),
         move(
-            "web-91c2", "node-02", "node-03", 1, 0.048, 18.0, "node-02 CPU 84 % is 26 points above the mean"
+            "web-91c2", "node-02", "node-03", 0, 0.048, 18.0, "node-02 CPU 84 % is 26 points above the mean"
         ),
         move(
             "cache-1",
             "node-01",
             "node-06",
-            2,
+            1,
             0.021,
             9.5,
             "spreads cache-1 away from db-replica-1 (anti-affinity)",

@@ -53,8 +53,8 @@ def test_groups_list_instances_and_badge(page: GroupsPage) -> None:
     assert page.stack.currentWidget() is page.content
     assert page.table.rowCount() == 2
     # Sorted by name; the first one is selected and its instances are shown.
-    assert _cells(page.table, 0) == ["batch", "1  (0–3)", "1 / 1", "memory 52 / 70", "mem-70"]
-    assert _cells(page.table, 1) == ["web", "4  (2–8)", "2 / 4", "cpu 71.4 / 60", "cpu-60, cpu-burst"]
+    assert _cells(page.table, 0) == ["batch", "1  (0–3)", "1 / 1", "mem.percent 52 / 70", "mem-70"]
+    assert _cells(page.table, 1) == ["web", "4  (2–8)", "2 / 4", "cpu.percent 71.4 / 60", "cpu-60, cpu-burst"]
     assert _at(page.table, 0, 0).data(BADGE_ROLE) is None
     assert _at(page.table, 1, 0).data(BADGE_ROLE) == "simulated"
     assert page.selected == "batch"
@@ -159,14 +159,14 @@ def test_dialog_edits_the_spec_and_keeps_unknown_fields(qtbot: QtBot, page: Grou
     spec = dialog.form_spec()
     assert spec["max_size"] == 10
     assert [p["name"] for p in spec["policies"]] == ["cpu-60", "cpu-burst", "cpu-target-3"]
-    assert spec["policies"][0]["disable_scale_in"] is False  # no control for it, still there
+    assert spec["policies"][0]["scale_in_enabled"] is True  # no control for it, still there
     assert spec["policies"][1]["alarm"] == {"threshold": 90.0, "comparison": ">", "duration_s": 180}
     assert spec["policies"][1]["steps"][1] == {"lower": 10, "upper": None, "adjustment": 3}
     assert spec["policies"][2]["target"] == 45.0
     assert spec["scheduled"] == [
         {"name": "night", "cron": "0 22 * * *", "min_size": 1, "max_size": 4, "desired": 2}
     ]
-    assert "keep cpu at 45" in policy_summary(spec["policies"][2])
+    assert "keep cpu.percent at 45" in policy_summary(spec["policies"][2])
 
     # The JSON tab shows the same spec; an edit there comes back into the form.
     dialog.tabs.setCurrentIndex(3)
@@ -216,13 +216,13 @@ def test_new_group_needs_a_name(qtbot: QtBot, page: GroupsPage) -> None:
         dialog.submit()
     assert "Give the group a name" in dialog.error_label.text()
     dialog.name_edit.setText("api")
-    dialog.add_policy("step_scaling")
+    dialog.add_policy("step")
     with qtbot.waitSignal(dialog.save_requested, timeout=1000) as blocker:
         dialog.submit()
     name, spec = blocker.args
     assert name == "api"
     assert spec["template"]["provider"] == "simulated"
-    assert spec["policies"][0]["type"] == "step_scaling"
+    assert spec["policies"][0]["type"] == "step"
     dialog.close()
 
 
