@@ -176,7 +176,10 @@ def migrate_vm(
         raise MigrationError(
             f"migration of {name} to {dest_uri} failed after {elapsed:.1f} s: {_error_text(error)}"
         )
-    figures.setdefault("percent", 100.0)
+    # The last poll saw the job mid-way: keep only what stays true once it is done.
+    for mid_job in ("data_processed", "data_remaining", "memory_bps", "memory_dirty_rate"):
+        figures.pop(mid_job, None)
+    figures["percent"] = 100.0
     if progress is not None:
         progress(dict(figures))
     log.info("migrated %s to %s in %.1f s", name, dest_uri, elapsed)
