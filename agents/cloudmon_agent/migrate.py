@@ -177,7 +177,7 @@ def migrate_vm(
             f"migration of {name} to {dest_uri} failed after {elapsed:.1f} s: {_error_text(error)}"
         )
     # The last poll saw the job mid-way: keep only what stays true once it is done.
-    for mid_job in ("data_processed", "data_remaining", "memory_bps", "memory_dirty_rate"):
+    for mid_job in ("data_processed", "data_remaining", "memory_bps", "memory_dirty_rate", "elapsed_ms"):
         figures.pop(mid_job, None)
     figures["percent"] = 100.0
     if progress is not None:
