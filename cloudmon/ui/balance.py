@@ -305,6 +305,7 @@ class BalancePage(PollingPage):
         box = QVBoxLayout(card)
         box.setContentsMargins(4, 4, 4, 4)
         box.addWidget(self.chart)
+        self._show_imbalance({})
         return card
 
     def _build_settings(self) -> QWidget:
@@ -423,7 +424,7 @@ class BalancePage(PollingPage):
         self.moves = _table(moves_box, ["Wave", "VM", "From → to", "Why", "Gain", "Cost"], "moveTable")
         mh = self.moves.horizontalHeader()
         mh.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
-        for col, width in ((0, 46), (1, 110), (2, 150), (4, 58), (5, 58)):
+        for col, width in ((0, 54), (1, 110), (2, 150), (4, 58), (5, 58)):
             self.moves.setColumnWidth(col, width)
         self.rejected_toggle = QToolButton(moves_box)
         self.rejected_toggle.setObjectName("rejectedToggle")
@@ -594,13 +595,19 @@ class BalancePage(PollingPage):
 
     def _show_imbalance(self, series: dict[str, Any]) -> None:
         ts, vs = series.get("ts"), series.get("value")
-        if not isinstance(ts, list) or not isinstance(vs, list) or len(ts) != len(vs):
+        plot = self.chart.getPlotItem()
+        if not isinstance(ts, list) or not isinstance(vs, list) or len(ts) != len(vs) or not ts:
             self.imbalance_curve.setData([], [])
+            # An empty hour on a time axis, not pyqtgraph's 0..1 "seconds since 1970".
+            now = self._clock()
+            plot.setXRange(now - 3600, now, padding=0)
+            plot.setYRange(0, 0.5, padding=0)
             return
         x = np.array([as_float(t) if as_float(t) is not None else np.nan for t in ts], dtype=np.float64)
         y = np.array([as_float(v) if as_float(v) is not None else np.nan for v in vs], dtype=np.float64)
         ok = np.isfinite(x)
         self.imbalance_curve.setData(x[ok], y[ok])
+        plot.enableAutoRange()
 
     def apply_plan(self, plan: Any) -> None:
         """Show a plan (``P`` of the contract) or None."""
