@@ -19,6 +19,7 @@ The API (served by :mod:`cloudmon.collector`, documented at
     PUT  /api/v1/groups/{name}          create or replace a group (body: its spec)
     DELETE /api/v1/groups/{name}[?force=true]     delete a group
     GET  /api/v1/balance                rebalancing settings, imbalance, plan, execution
+    PUT  /api/v1/balance/settings       save rebalancing settings
     POST /api/v1/balance/plan           compute a plan (body: settings)
     POST /api/v1/balance/plan/{id}/approve|reject
     GET  /healthz                       readiness (no token)
@@ -184,6 +185,10 @@ class ApiClient:
     def balance(self) -> dict[str, Any]:
         """``GET /balance``: settings, imbalance history, hosts, plan and execution."""
         return self._json("GET", "/api/v1/balance")
+
+    def put_balance_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        """``PUT /balance/settings``: ``{"settings": settings}`` as saved."""
+        return self._json("PUT", "/api/v1/balance/settings", settings)
 
     def compute_plan(self, settings: dict[str, Any]) -> dict[str, Any]:
         """``POST /balance/plan`` with settings: ``{"plan": plan}``."""

@@ -338,6 +338,12 @@ class BalancePage(PollingPage):
         self.compute_button.setObjectName("primary")
         self.compute_button.setToolTip("Ask the planner for a plan with these settings (it changes nothing)")
         self.compute_button.clicked.connect(self.compute_plan)
+        self.save_button = QPushButton("Save settings", card)
+        self.save_button.setToolTip(
+            "Keep these settings on the collector: the automation level decides whether plans run by themselves"
+        )
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self.save_settings)
         self.threshold.valueChanged.connect(self._threshold_changed)
         self.automation.currentIndexChanged.connect(self._touched)
         self.mode.currentIndexChanged.connect(self._touched)
@@ -355,7 +361,10 @@ class BalancePage(PollingPage):
         form.addRow("", self.threshold_label)
         form.addRow("Automation", self.automation)
         form.addRow("Mode", self.mode)
-        form.addRow("", self.compute_button)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.save_button)
+        buttons.addWidget(self.compute_button, 1)
+        form.addRow("", buttons)
         self._threshold_changed(self.threshold.value(), touched=False)
         return card
 
@@ -484,6 +493,7 @@ class BalancePage(PollingPage):
 
     def _touched(self, *_args: object) -> None:
         self._settings_touched = True
+        self._update_buttons()
 
     def current_settings(self) -> dict[str, Any]:
         """The settings the controls show, as ``POST /balance/plan`` takes them."""
@@ -524,6 +534,12 @@ class BalancePage(PollingPage):
         self._set_busy("compute")
         self.issue("compute", lambda c: c.compute_plan(settings))
 
+    def save_settings(self) -> None:
+        """Keep the settings shown on the collector (``PUT /balance/settings``)."""
+        settings = self.current_settings()
+        self._set_busy("save")
+        self.issue("save", lambda c: c.put_balance_settings(settings))
+
     def approve_plan(self) -> None:
         plan_id = self._plan_id()
         if plan_id is not None:
@@ -546,7 +562,7 @@ class BalancePage(PollingPage):
         self._update_buttons()
 
     def on_reply(self, reply: Reply) -> None:
-        action = reply.key in ("compute", "approve", "reject")
+        action = reply.key in ("compute", "approve", "reject", "save")
         if action:
             self._set_busy(None)
         if reply.error:
@@ -555,6 +571,7 @@ class BalancePage(PollingPage):
                 "compute": "Could not compute a plan",
                 "approve": "Could not approve the plan",
                 "reject": "Could not reject the plan",
+                "save": "Could not save the settings",
             }.get(reply.key, reply.key)
             self.show_error(f"{what}: {reply.error}", reply.key)
             return
@@ -562,9 +579,13 @@ class BalancePage(PollingPage):
             if reply.key == "balance":
                 self.apply_balance(reply.value)
             elif action:
-                if reply.key == "compute":
+                if reply.key in ("compute", "save"):
                     self._settings_touched = False
-                self.apply_plan(_dict(reply.value).get("plan"))
+                if reply.key == "save":
+                    self.settings = _dict(_dict(reply.value).get("settings")) or self.settings
+                    self._update_buttons()
+                else:
+                    self.apply_plan(_dict(reply.value).get("plan"))
                 self.poll()  # execution state and settings follow the action
             # A poll clears only a poll's error; an action's answer clears any.
             self.clear_error("balance" if reply.key == "balance" else None)
@@ -657,6 +678,8 @@ class BalancePage(PollingPage):
         self.plan_title.setText("&nbsp;&nbsp;·&nbsp;&nbsp;".join(parts))
         unresolved = [str(u) for u in plan.get("unresolved") or []]
         notes = [str(n) for n in plan.get("notes") or []]
+        if plan.get("message"):
+            notes.insert(0, str(plan["message"]))
         lines = [f"<span style='color:#b3261e'><b>Not fixed:</b> {u}</span>" for u in unresolved]
         lines += [f"<span style='color:#5f6673'>{n}</span>" for n in notes]
         self.plan_notes.setText("<br>".join(lines))
@@ -804,6 +827,7 @@ class BalancePage(PollingPage):
         self.approve_button.setEnabled(proposed and has_moves and idle)
         self.reject_button.setEnabled(proposed and idle)
         self.compute_button.setEnabled(idle)
+        self.save_button.setEnabled(idle and self._settings_touched)
         tip = "" if proposed else "Only a proposed plan can be approved or rejected"
         self.approve_button.setToolTip(tip or "Run the moves in order, one wave at a time")
         self.reject_button.setToolTip(tip or "Discard this plan; nothing moves")

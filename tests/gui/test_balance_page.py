@@ -10,9 +10,11 @@ import pytest
 from PySide6.QtWidgets import QTableWidget, QTableWidgetItem
 from pytestqt.qtbot import QtBot
 
+from cloudmon.collector import CollectorThread
 from cloudmon.ui.balance import BalancePage, bar_hosts
 from cloudmon.ui.workers import Reply
 from tests.gui import sample_data
+from tests.gui.conftest import TOKEN
 
 pytestmark = pytest.mark.gui
 
@@ -215,6 +217,38 @@ def test_compute_against_an_unreachable_collector(qtbot: QtBot) -> None:
         qtbot.waitUntil(lambda: "Could not compute a plan" in p.error_label.text(), timeout=10_000)
         assert "cannot reach the collector" in p.error_label.text()
         assert p.compute_button.isEnabled()
+    finally:
+        p.shutdown()
+    assert not p.threads_alive()
+
+
+def test_balance_state_and_compute_against_the_real_collector(
+    qtbot: QtBot, collector: CollectorThread
+) -> None:
+    """End to end through the worker: the state loads; computing with no hosts says why in the page."""
+    p = BalancePage(collector.url, TOKEN)
+    qtbot.addWidget(p)
+    p.show()
+    with qtbot.waitSignal(p.balance_applied, timeout=10_000):
+        p.start()
+    assert not p.error_label.isVisible()
+    assert p.threshold.value() in range(1, 6)
+    assert p.automation.currentData() in ("manual", "partial", "full")
+    try:
+        p.threshold.setValue(5)
+        assert p.save_button.isEnabled()
+        p.save_settings()
+        qtbot.waitUntil(
+            lambda: not p.save_button.isEnabled() and p.compute_button.isEnabled(), timeout=10_000
+        )
+        assert p.settings.get("threshold") == 5
+        p.compute_plan()
+        qtbot.waitUntil(lambda: p.compute_button.isEnabled(), timeout=10_000)
+        # No agent reports VMs here: the collector refuses, and the page says why and how to fix it.
+        assert p.error_label.isVisible()
+        assert "Could not compute a plan: HTTP 400" in p.error_label.text()
+        assert "no host reports VMs yet" in p.error_label.text()
+        assert p.plan is None
     finally:
         p.shutdown()
     assert not p.threads_alive()

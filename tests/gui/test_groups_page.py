@@ -19,7 +19,7 @@ from cloudmon.ui.group_dialog import GroupDialog, policy_summary
 from cloudmon.ui.groups import BADGE_ROLE, GroupsPage, kind_label, numbers_text
 from cloudmon.ui.workers import Reply
 from tests.gui import sample_data
-from tests.gui.conftest import WindowFactory
+from tests.gui.conftest import TOKEN, WindowFactory
 
 pytestmark = pytest.mark.gui
 
@@ -297,3 +297,48 @@ def test_window_opens_groups_and_balance_tabs(
     )
     window.shutdown()
     assert not balance.threads_alive()
+
+
+def test_group_created_in_the_dialog_appears_from_the_real_collector(
+    qtbot: QtBot, collector: CollectorThread
+) -> None:
+    """End to end: dialog -> worker -> PUT on the real collector -> poll -> row and activity."""
+    p = GroupsPage(collector.url, TOKEN)
+    qtbot.addWidget(p)
+    p.resize(1200, 700)
+    p.show()
+    p.start()
+    try:
+        qtbot.waitUntil(lambda: p.stack.currentWidget() is p.empty, timeout=10_000)
+        assert not p.error_label.isVisible()
+        dialog = p.new_group()
+        dialog.name_edit.setText("web")
+        dialog.min_size.setValue(3)
+        dialog.max_size.setValue(2)  # the server refuses: max below min
+        dialog.submit()
+        qtbot.waitUntil(lambda: dialog.error_label.isVisible(), timeout=10_000)
+        assert "max_size" in dialog.error_label.text()
+        assert dialog.isVisible()
+        dialog.min_size.setValue(0)
+        dialog.desired.setValue(0)
+        dialog.add_policy("target_tracking")
+        with qtbot.waitSignal(dialog.finished, timeout=10_000):
+            dialog.submit()
+        qtbot.waitUntil(lambda: p.group("web") is not None, timeout=10_000)
+        assert p.stack.currentWidget() is p.content
+        assert p.selected == "web"
+        assert _cells(p.table, 0)[:3] == ["web", "0  (0–2)", "0 / 0"]
+        assert _at(p.table, 0, 0).data(BADGE_ROLE) == "simulated"
+        assert [q["type"] for q in (p.group("web") or {})["spec"]["policies"]] == ["target_tracking"]
+        # The collector recorded the save; the activity history shows it.
+        qtbot.waitUntil(
+            lambda: any(_cells(p.activity, r)[1] == "Group saved" for r in range(p.activity.rowCount())),
+            timeout=10_000,
+        )
+        # Deleting goes through the same worker; the empty state comes back.
+        p.delete_group("web")
+        qtbot.waitUntil(lambda: p.stack.currentWidget() is p.empty, timeout=15_000)
+        assert not p.error_label.isVisible()
+    finally:
+        p.shutdown()
+    assert not p.threads_alive()
