@@ -65,6 +65,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: beyond it agents get 503 and keep reports in their spools.  Size Redis for it
     #: (about 2 kB per report).
     queue_max_entries: int = 1_000_000
+    #: Run the control loops (auto-scaling, load-balancer weights, rebalancing) in
+    #: this collector.  Where several collectors share one store, exactly one of
+    #: them should (the others set ``control = false``).
+    control: bool = True
+    #: Seconds between two rounds of the control loops.
+    control_tick_s: float = 2.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -75,6 +81,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError("max_body_bytes must be at least 1024")
         if self.queue and not self.queue.startswith(("redis://", "rediss://", "unix://")):
             raise ConfigError(f"queue={self.queue!r} must be a Redis URL (redis://HOST:PORT/DB) or empty")
+        if not 0.1 <= self.control_tick_s <= 3600:
+            raise ConfigError("control_tick_s must be 0.1..3600 seconds")
         if self.queue_claim_timeout <= 0:
             raise ConfigError("queue_claim_timeout must be > 0 seconds")
         if self.queue_max_entries < 1:

@@ -123,6 +123,9 @@ def _ref(name: str) -> dict[str, Any]:
 
 
 _JSON: Final = "application/json"
+_OBJECT: Final[dict[str, Any]] = {"type": "object"}
+_GROUP: Final = Param("name", "path", {"type": "string"}, "Group name", required=True)
+_PLAN: Final = Param("plan_id", "path", {"type": "string"}, "Plan id", required=True)
 _SUPPORTED = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
 
 ROUTES: Final[tuple[Route, ...]] = (
@@ -250,6 +253,130 @@ ROUTES: Final[tuple[Route, ...]] = (
         params=(Param("command_id", "path", {"type": "string"}, "Command id", required=True),),
         ok={200: ("The command", _JSON, _ref("CommandView"))},
         errors={404: "Unknown command (finished ones are kept for an hour)"},
+    ),
+    # -- control loops (cloudmon.control.plane): auto-scaling, load balancers, rebalancing --
+    Route(
+        "GET",
+        f"{API_PREFIX}/groups",
+        "handle_groups",
+        "Auto-scaling groups with their instances and metric",
+        ok={200: ("All groups", _JSON, _OBJECT)},
+        errors={503: "Store unavailable"},
+    ),
+    Route(
+        "PUT",
+        f"{API_PREFIX}/groups/{{name}}",
+        "handle_put_group",
+        "Create or replace an auto-scaling group",
+        "The body is the group spec (the fields of one [[group]] table of 'cloudmon apply'). "
+        "Min/max/desired changes take effect at the next reconcile.",
+        params=(_GROUP,),
+        body=_OBJECT,
+        ok={200: ("The group", _JSON, _OBJECT)},
+        errors={400: "Invalid spec (the field is named)", 503: "Store unavailable"},
+    ),
+    Route(
+        "DELETE",
+        f"{API_PREFIX}/groups/{{name}}",
+        "handle_delete_group",
+        "Delete an auto-scaling group",
+        "Refused while it has instances unless force=true, which terminates them (drained first); "
+        "the group disappears when the last one is gone.",
+        params=(
+            _GROUP,
+            Param("force", "query", {"type": "boolean"}, "Terminate its instances"),
+        ),
+        ok={200: ("deleted: true when gone now, false when terminating", _JSON, _OBJECT)},
+        errors={400: "The group still has instances", 404: "Unknown group", 503: "Store unavailable"},
+    ),
+    Route(
+        "GET",
+        f"{API_PREFIX}/groups/{{name}}/activity",
+        "handle_group_activity",
+        "A group's activity history, newest first",
+        "Every decision and every decision not to act, with its reason and numbers.",
+        params=(
+            _GROUP,
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "At most (100)"),
+        ),
+        ok={200: ("Events", _JSON, _OBJECT)},
+        errors={404: "Unknown group", 503: "Store unavailable"},
+    ),
+    Route(
+        "GET",
+        f"{API_PREFIX}/service-groups",
+        "handle_service_groups",
+        "Load-balanced service groups with the weights last set",
+        ok={200: ("All service groups", _JSON, _OBJECT)},
+        errors={503: "Store unavailable"},
+    ),
+    Route(
+        "PUT",
+        f"{API_PREFIX}/service-groups/{{name}}",
+        "handle_put_service_group",
+        "Create or replace a service group (HAProxy backend, members, algorithm, deregistration delay)",
+        params=(Param("name", "path", {"type": "string"}, "Service group name", required=True),),
+        body=_OBJECT,
+        ok={200: ("The service group", _JSON, _OBJECT)},
+        errors={400: "Invalid service group (the field is named)", 503: "Store unavailable"},
+    ),
+    Route(
+        "GET",
+        f"{API_PREFIX}/balance",
+        "handle_balance",
+        "Rebalancing: settings, imbalance over the last hour, host loads, current plan, execution",
+        ok={200: ("Balance state", _JSON, _OBJECT)},
+        errors={503: "Store unavailable"},
+    ),
+    Route(
+        "PUT",
+        f"{API_PREFIX}/balance/settings",
+        "handle_balance_settings",
+        "Change rebalancing settings (threshold 1-5, automation manual/partial/full, mode balance/consolidate)",
+        body=_OBJECT,
+        ok={200: ("The settings", _JSON, _OBJECT)},
+        errors={400: "Invalid setting (named)", 503: "Store unavailable"},
+    ),
+    Route(
+        "POST",
+        f"{API_PREFIX}/balance/plan",
+        "handle_compute_plan",
+        "Compute a rebalancing plan now from the live cluster (what-if: nothing runs until approved)",
+        body=_OBJECT,
+        ok={200: ("The plan", _JSON, _OBJECT)},
+        errors={400: "Invalid settings, no hosts, or a plan is running", 503: "Store unavailable"},
+    ),
+    Route(
+        "POST",
+        f"{API_PREFIX}/balance/plan/{{plan_id}}/approve",
+        "handle_approve_plan",
+        "Approve a proposed plan: its moves run one by one, each verified",
+        params=(_PLAN,),
+        ok={200: ("The plan", _JSON, _OBJECT)},
+        errors={400: "Not a proposed plan, or another plan is running", 404: "Unknown plan"},
+    ),
+    Route(
+        "POST",
+        f"{API_PREFIX}/balance/plan/{{plan_id}}/reject",
+        "handle_reject_plan",
+        "Reject a proposed plan",
+        params=(_PLAN,),
+        ok={200: ("The plan", _JSON, _OBJECT)},
+        errors={400: "Not a proposed plan", 404: "Unknown plan"},
+    ),
+    Route(
+        "GET",
+        f"{API_PREFIX}/events",
+        "handle_events",
+        "The event log: every decision and action with its reason (time travel over decisions)",
+        params=(
+            Param("start", "query", {"type": "number"}, "Range start, epoch seconds (default end - 3600)"),
+            Param("end", "query", {"type": "number"}, "Range end, epoch seconds (default now)"),
+            Param("kind", "query", {"type": "string"}, "Only kinds starting with this (e.g. autoscale.)"),
+            Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 10000}, "Newest N (1000)"),
+        ),
+        ok={200: ("Events, oldest first", _JSON, _OBJECT)},
+        errors={400: "A parameter is invalid (named)", 503: "Store unavailable"},
     ),
     Route(
         "GET",

@@ -17,7 +17,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Final
 
@@ -52,6 +52,8 @@ from cloudmon_agent.schema import Command, IngestResponse, Report, SchemaError, 
 if TYPE_CHECKING:
     # The shared queue needs redis-py, an optional extra: imported only when configured.
     from cloudmon.collector.queue import SharedQueue
+    from cloudmon.control.plane import ControlPlane
+    from cloudmon.providers.base import Provider
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,7 @@ class Collector:
         token: str,
         clock: Callable[[], float] = time.time,
         commands: CommandQueue | None = None,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
         if not token:
             where = "" if config.is_loopback else f" (it listens on non-loopback {config.listen_host})"
@@ -165,6 +168,12 @@ class Collector:
         self._clock = clock
         self.model = ClusterModel(config.node_timeout)
         self.commands = commands if commands is not None else CommandQueue(clock)
+        #: The control loops (auto-scaling, load balancers, rebalancing), from ``start()``
+        #: when ``config.control``; ``providers`` are pre-built instance providers by name
+        #: (``cloudmon demo`` hands in its simulated one).
+        self.control: ControlPlane | None = None
+        self._providers = dict(providers or {})
+        self._control_pool: ThreadPoolExecutor | None = None
         self._writer = StoreWriter(store, config.write_queue_max, clock)
         self._hub = StreamHub(STREAM_MAX_SAMPLES)
         # Off by default: only with a queue URL do reports go through Redis (see queue.py).
@@ -255,6 +264,19 @@ class Collector:
         self._started_wall = time.time()
         self._started_mono = time.monotonic()
         self._ticker = asyncio.create_task(self._tick_nodes(), name="cloudmon-stream-ticker")
+        if self._config.control:
+            from cloudmon.control.plane import ControlPlane
+
+            self._control_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloudmon-control-api")
+            self.control = ControlPlane(
+                self._store,
+                self.model,
+                self.commands,
+                clock=self._clock,
+                tick_s=self._config.control_tick_s,
+                providers=self._providers,
+            )
+            self.control.start()
         log.info("collector listening on %s (store %s)", self.url, redact_url(self._config.store_url))
 
     async def _restore_nodes(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -300,6 +322,12 @@ class Collector:
         if self._queue is not None:
             await self._queue.close()
         loop = asyncio.get_running_loop()
+        if self._control_pool is not None:
+            self._control_pool.shutdown(wait=False, cancel_futures=True)
+            await loop.run_in_executor(None, self._control_pool.shutdown, True)
+        if self.control is not None:
+            # Joins its loop and any plan execution (stopped after the move in flight).
+            await loop.run_in_executor(None, self.control.close)
         if self._readers is not None:
             # The writer's final flush blocks: keep it off the loop.
             await loop.run_in_executor(self._readers, self._writer.close, flush_timeout)
@@ -478,7 +506,9 @@ class Collector:
         self._accepted += n
         commands, acked = self._commands_for(reports)
         if commands or acked:
-            return _json(_encoder.encode(IngestResponse(accepted=n, commands=commands, acked=acked or msgspec.UNSET)))
+            return _json(
+                _encoder.encode(IngestResponse(accepted=n, commands=commands, acked=acked or msgspec.UNSET))
+            )
         return _json(_ACCEPTED_ONE if n == 1 else _encoder.encode(IngestResponse(accepted=n)))
 
     # -- commands: ride back on ingest answers (cloudmon.collector.commands) ------------
@@ -517,6 +547,120 @@ class Collector:
         if handle is None:
             return _error(404, f"unknown command {command_id!r} (finished ones are kept for an hour)")
         return _json(_encoder.encode(handle.view()))
+
+    # -- control loops (cloudmon.control.plane) ------------------------------------------
+
+    async def _control_call(self, fn: Callable[[ControlPlane], Any]) -> web.Response:
+        """Run ``fn`` on the control plane in its worker pool; typed errors become 4xx/5xx."""
+        from cloudmon.control.plane import ControlError, NotFound
+
+        plane, pool = self.control, self._control_pool
+        if plane is None or pool is None:
+            return _error(
+                404, "this collector runs without control loops (control = false); ask the one that runs them"
+            )
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(pool, fn, plane)
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except ControlError as exc:
+            return _error(400, str(exc))
+        except StoreError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        return _json(_encoder.encode(result))
+
+    @staticmethod
+    async def _json_body(request: web.Request) -> Any:
+        raw = await request.read()
+        if not raw:
+            return {}
+        try:
+            return msgspec.json.decode(raw)
+        except msgspec.DecodeError as exc:
+            raise _Rejected("json", f"the body is not valid JSON: {exc}") from None
+
+    async def handle_groups(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/groups``."""
+        return await self._control_call(lambda c: {"groups": c.groups_view()})
+
+    async def handle_put_group(self, request: web.Request) -> web.Response:
+        """``PUT /api/v1/groups/{name}``."""
+        name = request.match_info["name"]
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: {"group": c.put_group(name, body)})
+
+    async def handle_delete_group(self, request: web.Request) -> web.Response:
+        """``DELETE /api/v1/groups/{name}``."""
+        name = request.match_info["name"]
+        force = request.query.get("force", "").lower() in ("1", "true", "yes")
+        return await self._control_call(lambda c: {"deleted": c.delete_group(name, force=force)})
+
+    async def handle_group_activity(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/groups/{name}/activity``."""
+        name = request.match_info["name"]
+        limit = int(self._number(request.query, "limit", 100.0))
+        if not 1 <= limit <= 1000:
+            return _error(400, "query parameter 'limit' must be 1..1000")
+        return await self._control_call(lambda c: {"events": c.group_activity(name, limit)})
+
+    async def handle_service_groups(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/service-groups``."""
+        return await self._control_call(lambda c: {"service_groups": c.service_groups_view()})
+
+    async def handle_put_service_group(self, request: web.Request) -> web.Response:
+        """``PUT /api/v1/service-groups/{name}``."""
+        name = request.match_info["name"]
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: {"service_group": c.put_service_group(name, body)})
+
+    async def handle_balance(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/balance``."""
+        return await self._control_call(lambda c: c.balance_view())
+
+    async def handle_balance_settings(self, request: web.Request) -> web.Response:
+        """``PUT /api/v1/balance/settings``."""
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: {"settings": msgspec.to_builtins(c.put_settings(body))})
+
+    async def handle_compute_plan(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/balance/plan``."""
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: {"plan": c.compute_plan(body)})
+
+    async def handle_approve_plan(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/balance/plan/{plan_id}/approve``."""
+        plan_id = request.match_info["plan_id"]
+        return await self._control_call(lambda c: {"plan": c.approve(plan_id)})
+
+    async def handle_reject_plan(self, request: web.Request) -> web.Response:
+        """``POST /api/v1/balance/plan/{plan_id}/reject``."""
+        plan_id = request.match_info["plan_id"]
+        return await self._control_call(lambda c: {"plan": c.reject(plan_id)})
+
+    async def handle_events(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/events``."""
+        q = request.query
+        end = self._number(q, "end", self._clock())
+        start = self._number(q, "start", end - 3600.0)
+        limit = int(self._number(q, "limit", 1000.0))
+        kind = q.get("kind", "")
+        if not 1 <= limit <= 10_000:
+            return _error(400, "query parameter 'limit' must be 1..10000")
+        if start >= end:
+            return _error(400, "query parameter 'start' must be before 'end'")
+        store = self._store
+
+        def read() -> bytes:
+            events = store.events(start, end, limit=limit if not kind else 10_000)
+            if kind:
+                events = [e for e in events if str(e.get("kind", "")).startswith(kind)][-limit:]
+            return _encoder.encode({"events": events})
+
+        try:
+            body: bytes = await self._in_reader(read)
+        except StoreError as exc:
+            return _error(503, f"store unavailable: {exc}")
+        return _json(body)
 
     # -- read API --------------------------------------------------------------------------
 
@@ -726,8 +870,9 @@ class CollectorThread:
         token: str,
         clock: Callable[[], float] = time.time,
         commands: CommandQueue | None = None,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
-        self.collector = Collector(config, store, token, clock, commands)
+        self.collector = Collector(config, store, token, clock, commands, providers)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
