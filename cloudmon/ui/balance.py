@@ -627,7 +627,11 @@ class BalancePage(PollingPage):
         x = np.array([as_float(t) if as_float(t) is not None else np.nan for t in ts], dtype=np.float64)
         y = np.array([as_float(v) if as_float(v) is not None else np.nan for v in vs], dtype=np.float64)
         ok = np.isfinite(x)
-        self.imbalance_curve.setData(x[ok], y[ok])
+        # A line needs two points: right after start-up, show the few there are as dots.
+        few = int(ok.sum()) < 3
+        self.imbalance_curve.setData(
+            x[ok], y[ok], symbol="o" if few else None, symbolSize=6, symbolBrush=QColor("#7b3fb5")
+        )
         plot.enableAutoRange()
 
     def apply_plan(self, plan: Any) -> None:
