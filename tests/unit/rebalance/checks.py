@@ -31,7 +31,8 @@ def replay(snap: ClusterSnapshot, plan: Plan, s: PlanSettings) -> dict[str, str]
         waves[m.wave] = waves.get(m.wave, 0) + 1
         assert waves[m.wave] <= s.max_concurrent
         t = hosts[m.target]
-        assert t.powered_on and not t.maintenance, f"{m.vm} moved to inactive {m.target}"
+        assert t.powered_on, f"{m.vm} moved to powered-off {m.target}"
+        assert not t.maintenance, f"{m.vm} moved to {m.target} in maintenance"
         tl = load[m.target]
         tl[0] += vm.cpu_demand_cores
         tl[1] += vm.memory_mib

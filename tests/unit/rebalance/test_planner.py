@@ -16,7 +16,9 @@ H = PlanSettings(solver="heuristic", threshold=5)
 
 
 def _hosts(n: int, cores: float = 16, mem: float = 65536, **kw: object) -> list[Host]:
-    return [msgspec.structs.replace(Host(name=f"h{i}", cpu_cores=cores, memory_mib=mem), **kw) for i in range(n)]
+    return [
+        msgspec.structs.replace(Host(name=f"h{i}", cpu_cores=cores, memory_mib=mem), **kw) for i in range(n)
+    ]
 
 
 def _vm(name: str, host: str, cpu: float = 2.0, mem: float = 4096, **kw: object) -> VM:
@@ -37,7 +39,8 @@ def test_balancing_lowers_imbalance_and_every_step_is_valid() -> None:
     assert p.imbalance_after < p.imbalance_before
     assert p.imbalance_before == pytest.approx(imbalance(snap))
     assert all(not m.mandatory for m in p.moves)
-    assert "imbalance" in p.moves[0].reason and "MiB" in p.moves[0].reason
+    assert "imbalance" in p.moves[0].reason
+    assert "MiB" in p.moves[0].reason
     assert all(m.cost_s == pytest.approx(6000 / H.link_rate_mibps) for m in p.moves)
     before = {h.host: h.before.cpu for h in p.hosts}
     assert before["h0"] == pytest.approx(12 / 16)
@@ -74,7 +77,8 @@ def test_evacuation_that_does_not_fit_is_reported_not_forced() -> None:
     snap = ClusterSnapshot(ts=1.0, hosts=hosts, vms=[_vm("big", "h1", cpu=14), _vm("a", "h0", cpu=2)])
     p = plan(snap, H)
     assert [m.vm for m in p.moves] == []
-    assert p.unresolved and "maintenance" in p.unresolved[0]
+    assert p.unresolved
+    assert "maintenance" in p.unresolved[0]
     assert any(r.vm == "big" and r.why == "capacity" for r in p.rejected)
 
 
@@ -170,7 +174,8 @@ def test_without_ortools_auto_falls_back_and_says_so() -> None:
 
     p = plan(_skewed(), msgspec.structs.replace(H, solver="auto"))
     if importlib.util.find_spec("ortools") is None:
-        assert p.solver == "heuristic" and any("OR-Tools" in n for n in p.notes)
+        assert p.solver == "heuristic"
+        assert any("OR-Tools" in n for n in p.notes)
     else:
         assert any("exact" in n for n in p.notes)
 
