@@ -75,6 +75,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     col = sub.add_parser("collector", help="run the collector headless (HTTP API + store)")
     _add_common(col)
+    app = sub.add_parser(
+        "apply",
+        help="create or update auto-scaling groups from a TOML or JSON file",
+        description="Apply the [[group]] tables of FILE to the collector: groups that differ are "
+        "created or replaced, unchanged ones are left alone (see README: Auto-scaling groups).",
+    )
+    _add_common(app)
+    app.add_argument("file", type=Path, metavar="FILE", help="groups file (.toml or .json)")
+    app.add_argument(
+        "--connect", metavar="URL", help="collector URL (default: the console running on this machine)"
+    )
+    app.add_argument("--prune", action="store_true", help="also delete groups the file does not name")
+    app.add_argument("--dry-run", action="store_true", help="only say what would change")
+    demo = sub.add_parser(
+        "demo",
+        help="open the console on a simulated cluster that auto-scales (nothing real is touched)",
+        description="Simulated hosts, VMs and an auto-scaling group whose nodes speak the real "
+        "protocol to a real embedded collector. Its data lives in a temporary directory.",
+    )
+    _add_common(demo)
+    demo.add_argument("--headless", action="store_true", help="no window: print the group's activity")
+    demo.add_argument(
+        "--seconds", type=float, default=0.0, help="stop after this long (default: until closed)"
+    )
+    from cloudmon.rebalance.cli import add_parser as add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -113,7 +140,145 @@ def main(argv: list[str] | None = None) -> int:
         from cloudmon.collector import run_headless
 
         return run_headless(config)
+    if args.command == "apply":
+        return _apply(args, config)
+    if args.command == "demo":
+        return _demo(args, config)
+    if args.command == "plan":
+        from cloudmon.rebalance.cli import run as run_plan
+
+        return run_plan(args)
     return _run_console(args, config)
+
+
+def _apply(args: argparse.Namespace, config: Config) -> int:
+    from cloudmon.autoscale.apply import ApplyError, apply_specs, load_file
+    from cloudmon.autoscale.model import GroupSpec, SpecError, spec_from_doc
+    from cloudmon.client import ApiClient, ApiError
+    from cloudmon.runtime import running_collector_url
+
+    try:
+        specs = load_file(args.file)
+    except ApplyError as exc:
+        print(f"cloudmon apply: {exc}", file=sys.stderr)
+        return 2
+    url = args.connect or running_collector_url(config)
+    if not url:
+        print(
+            f"cloudmon apply: no cloudmon console is running with data dir {config.data_path}; start "
+            "'cloudmon' first, or name a collector with --connect URL (and --token or CLOUDMON_TOKEN)",
+            file=sys.stderr,
+        )
+        return 2
+    token = config.token
+    if not token and not args.connect:
+        from cloudmon.config import ensure_token
+
+        token = ensure_token(config)
+    api = ApiClient(url, token or None)
+    try:
+        existing: dict[str, GroupSpec] = {}
+        for g in api.groups().get("groups", []):
+            try:
+                existing[str(g["name"])] = spec_from_doc(g["spec"])
+            except (SpecError, KeyError, TypeError) as exc:
+                log.warning("group %s on the collector is not readable here: %s", g.get("name"), exc)
+
+        def put(spec: GroupSpec) -> None:
+            api.put_group(spec.name, msgspec.to_builtins(spec))
+
+        lines = apply_specs(
+            specs,
+            existing=existing,
+            put=put,
+            delete=lambda name: api.delete_group(name, force=True),
+            prune=args.prune,
+            dry_run=args.dry_run,
+        )
+    except (ApiError, ApplyError) as exc:
+        print(f"cloudmon apply: {url}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        api.close()
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _demo(args: argparse.Namespace, config: Config) -> int:
+    import tempfile
+
+    from cloudmon.runtime import EmbeddedRuntime, RuntimeStartError
+    from cloudmon.sim.demo import build_demo
+
+    with tempfile.TemporaryDirectory(prefix="cloudmon-demo-") as tmp:
+        # Its own data dir and a free port: the demo never mixes with real data or a running console.
+        demo_config = msgspec.structs.replace(
+            config, data_dir=args.data_dir or tmp, store="", listen_port=0, control_tick_s=1.0
+        )
+        runtime = EmbeddedRuntime(demo_config, local_agent=False)
+        try:
+            runtime.start()
+            demo = build_demo(runtime.url, runtime.token)
+        except RuntimeStartError as exc:
+            runtime.close()
+            print(f"cloudmon demo: {exc}", file=sys.stderr)
+            return 1
+        try:
+            runtime.control.add_provider("simulated", demo.provider)
+            runtime.control.autoscale.put_group(demo.group)
+            demo.start()
+            log.info("demo: simulated cluster at %s (group %s)", runtime.url, demo.group.name)
+            if args.headless:
+                return _demo_headless(runtime.url, runtime.token, demo.group.name, args.seconds)
+            return _run_demo_console(args, runtime.url, runtime.token)
+        finally:
+            demo.close()
+            runtime.close()
+
+
+def _demo_headless(url: str, token: str, group: str, seconds: float) -> int:
+    import time
+
+    from cloudmon.client import ApiClient, ApiError
+
+    print(f"cloudmon demo (simulated cluster) at {url}; Ctrl-C stops it", flush=True)
+    api = ApiClient(url, token)
+    seen: set[str] = set()
+    deadline = time.monotonic() + seconds if seconds > 0 else float("inf")
+    try:
+        while time.monotonic() < deadline:
+            try:
+                events = api.group_activity(group, limit=50).get("events", [])
+            except ApiError as exc:
+                print(f"  (collector: {exc})", flush=True)
+                events = []
+            for ev in reversed(events):
+                key = str(ev.get("id"))
+                if key in seen or ev.get("kind") == "autoscale.no_action":
+                    continue
+                seen.add(key)
+                stamp = time.strftime("%H:%M:%S", time.localtime(float(ev.get("ts", 0))))
+                print(f"{stamp} {ev.get('kind')}: {ev.get('reason')}", flush=True)
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        api.close()
+    return 0
+
+
+def _run_demo_console(args: argparse.Namespace, url: str, token: str) -> int:
+    try:
+        from cloudmon.ui.app import run_console
+    except ImportError as exc:
+        print(
+            f"cloudmon demo: the desktop console needs Qt ({exc}); install it with "
+            "pip install 'cloudmon[desktop]', or run 'cloudmon demo --headless'",
+            file=sys.stderr,
+        )
+        return 2
+    return run_console(url, token, embedded=True, screenshot=args.screenshot, simulated=True)
 
 
 def _run_console(args: argparse.Namespace, config: Config) -> int:

@@ -24,6 +24,7 @@ from cloudmon.store import StoreError, TelemetryStore, open_store, redact_url
 
 if TYPE_CHECKING:
     from cloudmon.collector import CollectorThread
+    from cloudmon.control.plane import ControlPlane
     from cloudmon_agent.agent import Agent
 
 log = logging.getLogger(__name__)
@@ -136,6 +137,14 @@ class EmbeddedRuntime:
         log.info("embedded collector at %s, store %s", self.url, redact_url(self.config.store_url))
         if self._want_agent:
             self._start_agent()
+
+    @property
+    def control(self) -> ControlPlane:
+        """The embedded collector's control plane (after ``start()``)."""
+        plane = self._collector.collector.control if self._collector is not None else None
+        if plane is None:
+            raise RuntimeStartError("the embedded collector runs without control loops (control = false)")
+        return plane
 
     def _start_agent(self) -> None:
         from cloudmon_agent.agent import Agent

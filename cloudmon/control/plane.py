@@ -219,6 +219,14 @@ class ControlPlane:
                 return
             self._append_event(event)
 
+    def add_provider(self, name: str, provider: Provider) -> None:
+        """Serve launch templates naming ``name`` with ``provider`` (``cloudmon demo``'s simulated one).
+
+        The plane does not close it: its owner does.
+        """
+        with self._lock:
+            self._fixed_providers[name] = provider
+
     # -- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -280,7 +288,8 @@ class ControlPlane:
 
     def _provider_for(self, template: LaunchTemplate) -> Provider:
         name = template.provider
-        fixed = self._fixed_providers.get(name)
+        with self._lock:
+            fixed = self._fixed_providers.get(name)
         if fixed is not None:
             return fixed
         options: dict[str, Any] = dict(template.params)

@@ -113,6 +113,7 @@ def run_console(
     on_close: Callable[[], None] | None = None,
     screenshot: Path | None = None,
     argv: list[str] | None = None,
+    simulated: bool = False,
 ) -> int:
     """Show the console for the collector at ``url`` and run the event loop.
 
@@ -120,14 +121,15 @@ def run_console(
     stopped (embedded mode shuts its collector and agent down there).  With
     ``screenshot``, the window is saved as a PNG as soon as the overview shows
     its first node, and the app exits with 0 (1 if saving failed, 3 if no node
-    appeared within a minute).  Returns the exit code.
+    appeared within a minute).  ``simulated`` (``cloudmon demo``) labels the window
+    a simulation and opens the Groups page.  Returns the exit code.
     """
     existing = QApplication.instance()
     app = existing if isinstance(existing, QApplication) else QApplication(argv or [sys.argv[0]])
     app.setApplicationName("cloudmon")
     app.setApplicationDisplayName("cloudmon")
     apply_theme(app)
-    window = MainWindow(url, token, embedded=embedded)
+    window = MainWindow(url, token, embedded=embedded, simulated=simulated)
     window.resize(*WINDOW_SIZE)
     exit_code: list[int] = []
 
@@ -167,6 +169,8 @@ def run_console(
     guard = _SignalGuard(window)
     window.show()
     window.start()
+    if simulated:
+        window.open_groups()
     try:
         code = app.exec()
     finally:

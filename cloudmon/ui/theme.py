@@ -14,6 +14,7 @@ QToolBar#mainToolbar {
 QToolBar#mainToolbar QToolButton { padding: 4px 12px; border: 1px solid transparent; border-radius: 4px; }
 QToolBar#mainToolbar QToolButton:hover { background: #eef2f8; border-color: #d0d7e2; }
 QLabel#banner { padding: 7px 14px; font-weight: bold; }
+QLabel#simulationRibbon { padding: 6px 14px; font-weight: bold; background: #ede7f6; color: #4527a0; border-bottom: 1px solid #c5b8e8; }
 QLabel#banner[level="severe"] { background: #fdecea; color: #8a1c12; border-bottom: 1px solid #f5c2bd; }
 QLabel#banner[level="warn"] { background: #fff4d6; color: #6b4a00; border-bottom: 1px solid #f0d58a; }
 QLabel#warningLabel[level="severe"] { color: #b3261e; font-weight: bold; }

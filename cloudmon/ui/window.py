@@ -59,12 +59,13 @@ class MainWindow(QMainWindow):
     #: Emitted when the window has been closed (and its workers stopped).
     closed = Signal()
 
-    def __init__(self, url: str, token: str | None, *, embedded: bool) -> None:
+    def __init__(self, url: str, token: str | None, *, embedded: bool, simulated: bool = False) -> None:
         super().__init__()
         self.url = url
         self.token = token
         self.embedded = embedded
-        self.setWindowTitle("cloudmon")
+        self.simulated = simulated
+        self.setWindowTitle("cloudmon — demo: simulated cluster" if simulated else "cloudmon")
         self.setObjectName("mainWindow")
         self.status: dict[str, Any] | None = None
         self.connected: bool | None = None
@@ -100,6 +101,16 @@ class MainWindow(QMainWindow):
         box = QVBoxLayout(central)
         box.setContentsMargins(0, 0, 0, 0)
         box.setSpacing(0)
+        if simulated:
+            # Always visible: nobody should mistake the demo's hosts for real ones.
+            ribbon = QLabel(
+                "SIMULATION · cloudmon demo: simulated hosts, VMs and auto-scaling group, speaking the real "
+                "protocol to a real embedded collector. Nothing real is touched.",
+                self,
+            )
+            ribbon.setObjectName("simulationRibbon")
+            ribbon.setWordWrap(True)
+            box.addWidget(ribbon)
         box.addWidget(self.banner)
         box.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
