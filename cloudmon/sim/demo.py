@@ -1,15 +1,19 @@
 """The simulated cluster behind ``cloudmon demo``.
 
-:func:`build_demo` assembles three simulated hosts with a few VMs of their own,
-a :class:`~cloudmon.providers.simulated.SimulatedProvider` whose instances
-become simulated nodes on those hosts, one auto-scaling group (``demo-web``:
-min 2, max 8, target tracking on 50 % CPU) and a workload that rises, falls and
-spikes every six minutes.  The caller (the CLI's composition root) puts
+:func:`build_demo` assembles three simulated hosts with a few VMs of their own
+(one host carries a heavy mix, so rebalancing has something to recommend), a
+:class:`~cloudmon.providers.simulated.SimulatedProvider` whose instances become
+simulated nodes on those hosts, one auto-scaling group (``demo-web``: min 2,
+max 8, target tracking on 50 % CPU) and a workload that rises, falls and spikes
+every six minutes.  The caller (the CLI's composition root) puts
 :attr:`Demo.group` into the auto-scaling service with :attr:`Demo.provider` as
 the provider of its template (``provider = "simulated"``), then
-:meth:`Demo.start`; a new user then sees the group scale out to 6-8 instances
-and back to 2 within a few minutes.  Everything is labelled simulated: node ids
-and hostnames start with ``sim-`` and their OS reads ``simulated (cloudmon demo)``.
+:meth:`Demo.start`.  A new user then sees the group scale out to 6-8 instances
+and back to 2 within a few minutes, and the Balance page recommend moving a VM
+off ``sim-host-1``; approving the plan live-migrates it (the simulated hosts
+execute ``vm.migrate`` and ``vm.state``, see :mod:`cloudmon.sim.simulator`).
+Everything is labelled simulated: node ids and hostnames start with ``sim-``
+and their OS reads ``simulated (cloudmon demo)``.
 """
 
 from __future__ import annotations
@@ -26,12 +30,23 @@ from cloudmon.sim.workload import Workload
 DEMO_GROUP: Final = "demo-web"
 DEMO_SEED: Final = 7
 #: Host name -> (vCPUs, memory MiB, [(VM name, vCPUs, memory MiB, its load)]).
+#: ``sim-host-1`` carries the heavy mix (a busy analytics VM beside two databases)
+#: while the others are nearly idle, so the Balance page has a move to recommend
+#: from the first minute; approving it live-migrates the VM (simulated).
 DEMO_HOSTS: Final = {
-    "sim-host-1": (16, 32768, [("sim-db-1", 4, 8192, Workload(low=20, high=45, spike=60, seed=1))]),
-    "sim-host-2": (16, 32768, [("sim-cache-1", 2, 4096, Workload(low=10, high=25, spike=40, seed=2))]),
+    "sim-host-1": (
+        16,
+        65536,
+        [
+            ("sim-db-1", 4, 8192, Workload(low=25, high=50, spike=65, seed=1)),
+            ("sim-analytics-1", 8, 16384, Workload(low=45, high=90, spike=100, period_s=300, seed=4)),
+            ("sim-db-2", 4, 8192, Workload(low=20, high=40, spike=55, period_s=420, seed=5)),
+        ],
+    ),
+    "sim-host-2": (16, 65536, [("sim-cache-1", 2, 4096, Workload(low=10, high=25, spike=40, seed=2))]),
     "sim-host-3": (
         16,
-        32768,
+        65536,
         [("sim-batch-1", 4, 8192, Workload(low=5, high=90, spike=100, period_s=240, seed=3))],
     ),
 }

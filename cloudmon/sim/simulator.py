@@ -12,6 +12,25 @@ is spread over its in-service instances (booted, reporting): each one's
 ``cpu.percent`` is ``demand / n`` (capped at 100), so adding instances lowers
 each one's load as it would for a real stateless service.
 
+Simulated hosts also execute the collector's commands, as a real agent's
+executor does (:mod:`cloudmon_agent.actions`), so plans approved on the Balance
+page run end to end: each host advertises ``NodeInfo.migrate_uri``
+``sim+migrate://<node id>`` and runs ``vm.state``, ``vm.start``, ``vm.stop`` and
+``vm.migrate`` on its simulated VMs (group instances included); any other
+action gets a failed result that says so.  Each command id runs once; its
+progress rides every report while it runs, its result every report until the
+collector acknowledges it (``IngestResponse.acked``).  A migration takes
+``1 s + memory / 4 GiB/s`` of the simulator's clock, reports its percent in
+between, then moves the VM and its workload to the destination host.  It is a
+state machine advanced on every tick: no sleeps, no thread of its own.
+
+An ingest answer carries the commands of every node in the posted batch
+without saying which node each is for.  When a batch of several reports gets
+new commands back, their nodes post one report each on the next tick (the
+collector sends a command again until a report mentions it), and a node that
+got a command keeps posting alone for a while (:data:`SOLO_TICKS`): commands
+come in bursts (a migration, then its checks).
+
 Everything simulated says so: node ids and hostnames start with ``sim-`` and
 the node's OS reads ``simulated (cloudmon demo)``.
 """
@@ -24,19 +43,30 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 
 from cloudmon.sim.workload import Workload
 from cloudmon_agent.schema import (
+    ACTIONS,
     AgentStats,
+    Command,
+    CommandProgress,
+    CommandResult,
     HostMetrics,
+    IngestResponse,
+    MigrateParams,
     NodeInfo,
     Report,
+    SchemaError,
+    StopParams,
     Vm,
+    VmRef,
+    command_params,
 )
 from cloudmon_agent.transport import HttpTransport, TransportError
 
@@ -50,12 +80,34 @@ MiB: Final = 1024 * 1024
 BATCH: Final = 500
 _BAD_CHARS = re.compile(r"[^A-Za-z0-9._:@-]+")
 _VM_NS: Final = uuid.UUID("6f1c7a8e-3b0d-4c55-9a57-1e0c5d2b9f01")
+#: The actions simulated hosts carry out (the rest of :data:`~cloudmon_agent.schema.ACTIONS` is refused).
+SIM_ACTIONS: Final = ("vm.state", "vm.start", "vm.stop", "vm.migrate")
+#: Scheme of the migration URIs simulated hosts advertise (``sim+migrate://<node id>``).
+MIGRATE_SCHEME: Final = "sim+migrate://"
+#: Memory a simulated host uses for itself (MiB), besides its VMs.
+HOST_BASE_MIB: Final = 2048
+#: Ticks a node that got a command keeps posting its report alone (see the module doc).
+SOLO_TICKS: Final = 30
+#: Most results one report carries (as the real agent); the rest follow.
+RESULTS_PER_REPORT: Final = 32
+#: Command ids remembered so that a command sent again is not run again.
+REMEMBER_IDS: Final = 5000
 
 
 def sim_name(name: str) -> str:
     """``name`` as a simulated node id / hostname: allowed characters only, ``sim-`` in front."""
     clean = _BAD_CHARS.sub("-", name).strip("-") or "node"
     return clean if clean.startswith(SIM_PREFIX) else SIM_PREFIX + clean
+
+
+def migrate_uri(node_id: str) -> str:
+    """The migration URI a simulated host advertises (``NodeInfo.migrate_uri``)."""
+    return MIGRATE_SCHEME + node_id
+
+
+def migration_seconds(memory_mib: int) -> float:
+    """How long a simulated live migration of a VM with ``memory_mib`` takes: 1 s + 4 GiB/s."""
+    return 1.0 + memory_mib / 4096.0
 
 
 @dataclass
@@ -66,6 +118,8 @@ class SimVm:
     vcpus: int
     memory_mib: int
     workload: Workload
+    #: ``running`` or ``shutoff`` (``vm.stop`` / ``vm.start``).
+    state: str = "running"
 
 
 @dataclass
@@ -94,6 +148,36 @@ class SimInstance:
     start_at: float
     reporting: bool = True
     seq: int = 0
+    #: Its VM's state: ``running`` or ``shutoff`` (a stopped instance's agent is silent).
+    state: str = "running"
+
+
+@dataclass
+class _Migration:
+    """A ``vm.migrate`` in progress (times on the simulator's clock)."""
+
+    command_id: str
+    vm: str
+    source: str
+    dest: str
+    dest_uri: str
+    memory_mib: int
+    started: float
+    duration: float
+    #: Past this the migration is aborted and the VM stays on the source.
+    deadline: float
+
+
+@dataclass
+class _Outbox:
+    """What a node's next reports say about its commands."""
+
+    progress: dict[str, CommandProgress] = field(default_factory=dict)
+    results: OrderedDict[str, CommandResult] = field(default_factory=OrderedDict)
+
+
+class _Failed(Exception):
+    """A simulated action failed; the text is the result's error."""
 
 
 @dataclass
@@ -104,6 +188,9 @@ class SimStats:
     reports_sent: int = 0
     posts_failed: int = 0
     last_error: str = ""
+    #: Commands taken (run or refused) and results acknowledged by the collector.
+    commands_taken: int = 0
+    results_acked: int = 0
 
 
 def _metrics(
@@ -172,6 +259,13 @@ class Simulator:
         self._thread: threading.Thread | None = None
         self._failing = False
         self.stats = SimStats()
+        # Commands (see the module doc); all under self._lock, driven by the reporting thread.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._outbox: dict[str, _Outbox] = {}
+        self._migrations: dict[str, _Migration] = {}
+        #: node id -> the last round in which it posts its report alone.
+        self._solo: dict[str, int] = {}
+        self._round = 0
 
     # -- the simulated world --------------------------------------------------------
 
@@ -223,7 +317,10 @@ class Simulator:
     def remove_instance(self, name: str) -> bool:
         """Remove an instance (its VM leaves its host); whether it existed."""
         with self._lock:
-            return self._instances.pop(name, None) is not None
+            inst = self._instances.pop(name, None)
+            if inst is not None:
+                self._outbox.pop(inst.node_id, None)
+            return inst is not None
 
     def set_reporting(self, name: str, on: bool) -> None:
         """Silence (or revive) an instance's agent or a host's, as a crashed node would be."""
@@ -251,8 +348,36 @@ class Simulator:
 
     def _in_service(self, group: str, now: float) -> list[str]:
         return sorted(
-            i.name for i in self._instances.values() if i.group == group and i.reporting and i.start_at <= now
+            i.name
+            for i in self._instances.values()
+            if i.group == group and i.reporting and i.start_at <= now and i.state == "running"
         )
+
+    def vm_host(self, name: str) -> str | None:
+        """The node id of the host the VM (or group instance) ``name`` is on now, or None."""
+        with self._lock:
+            inst = self._instances.get(name)
+            if inst is not None:
+                return inst.host
+            for node_id, host in self._hosts.items():
+                if name in host.vms:
+                    return node_id
+        return None
+
+    def vm_state(self, name: str) -> str:
+        """The simulated VM's state: ``running``, ``shutoff``, or ``missing`` when no host has it."""
+        with self._lock:
+            found = self._find_anywhere(name)
+            return found.state if found is not None else "missing"
+
+    def _find_anywhere(self, name: str) -> SimVm | SimInstance | None:
+        inst = self._instances.get(name)
+        if inst is not None:
+            return inst
+        for host in self._hosts.values():
+            if name in host.vms:
+                return host.vms[name]
+        return None
 
     def instance_cpu(self, name: str, now: float) -> float:
         """CPU percent of one instance at ``now``: its group's demand over its in-service instances."""
@@ -274,8 +399,16 @@ class Simulator:
 
     # -- reports ----------------------------------------------------------------------
 
-    def _node(self, hostname: str, cores: int) -> NodeInfo:
-        return NodeInfo(hostname=hostname, os=SIM_OS, cpu_count=cores, agent_version=SIM_AGENT_VERSION)
+    def _node(self, hostname: str, cores: int, uri: str = "") -> NodeInfo:
+        return NodeInfo(
+            hostname=hostname, os=SIM_OS, cpu_count=cores, agent_version=SIM_AGENT_VERSION, migrate_uri=uri
+        )
+
+    def _commands_of(self, node_id: str) -> tuple[list[CommandProgress], list[CommandResult]]:
+        box = self._outbox.get(node_id)
+        if box is None:
+            return [], []
+        return list(box.progress.values()), list(box.results.values())[:RESULTS_PER_REPORT]
 
     def build_reports(self, now: float | None = None) -> list[Report]:
         """One report per reporting node at ``now`` (default: the clock)."""
@@ -284,12 +417,15 @@ class Simulator:
         agent = AgentStats(cpu_ms=0.0, rss_bytes=0)
         with self._lock:
             served: dict[str, int] = {}
-            cpu_of = {name: self._instance_cpu(i, ts, served) for name, i in self._instances.items()}
+            cpu_of = {
+                name: self._instance_cpu(i, ts, served) if i.state == "running" else 0.0
+                for name, i in self._instances.items()
+            }
             by_host: dict[str, list[SimInstance]] = {}
             for inst in self._instances.values():
                 by_host.setdefault(inst.host, []).append(inst)
             for name, inst in sorted(self._instances.items()):
-                if not inst.reporting or inst.start_at > ts:
+                if not inst.reporting or inst.start_at > ts or inst.state != "running":
                     continue
                 inst.seq += 1
                 rng = random.Random(f"{self._seed}:{name}:{inst.seq}")
@@ -297,6 +433,7 @@ class Simulator:
                 total = inst.memory_mib * MiB
                 used = int(total * (0.25 + 0.004 * cpu))
                 metrics = _metrics(cpu, inst.vcpus, total, used, cpu * 40_000.0, rng)
+                progress, results = self._commands_of(inst.node_id)
                 out.append(
                     Report(
                         v=1,
@@ -307,6 +444,8 @@ class Simulator:
                         node=self._node(inst.node_id, inst.vcpus),
                         host=metrics,
                         agent=agent,
+                        progress=progress,
+                        results=results,
                     )
                 )
             for node_id, host in sorted(self._hosts.items()):
@@ -316,17 +455,20 @@ class Simulator:
                 rng = random.Random(f"{self._seed}:{node_id}:{host.seq}")
                 vms: list[Vm] = []
                 host_cpu = 2.0 + rng.random()
-                mem_used = 2048 * MiB
+                mem_used = HOST_BASE_MIB * MiB
                 for inst in by_host.get(node_id, []):
-                    vms.append(self._vm(inst.name, inst.vcpus, inst.memory_mib, cpu_of[inst.name], host))
+                    vms.append(
+                        self._vm(inst.name, inst.vcpus, inst.memory_mib, cpu_of[inst.name], host, inst.state)
+                    )
                 for vm in host.vms.values():
-                    vcpu = min(100.0, vm.workload.demand(ts - self._t0))
-                    vms.append(self._vm(vm.name, vm.vcpus, vm.memory_mib, vcpu, host))
+                    vcpu = min(100.0, vm.workload.demand(ts - self._t0)) if vm.state == "running" else 0.0
+                    vms.append(self._vm(vm.name, vm.vcpus, vm.memory_mib, vcpu, host, vm.state))
                 for vm_report in vms:
                     host_cpu += vm_report.host_cpu_percent
                     mem_used += vm_report.mem_current
                 total = host.memory_mib * MiB
                 metrics = _metrics(host_cpu, host.vcpus, total, mem_used, host_cpu * 200_000.0, rng)
+                progress, results = self._commands_of(node_id)
                 out.append(
                     Report(
                         v=1,
@@ -334,43 +476,311 @@ class Simulator:
                         ts=ts,
                         seq=host.seq,
                         interval=self.interval_s,
-                        node=self._node(node_id, host.vcpus),
+                        node=self._node(node_id, host.vcpus, migrate_uri(node_id)),
                         host=metrics,
                         agent=agent,
                         vms=vms,
+                        progress=progress,
+                        results=results,
                     )
                 )
         return out
 
     @staticmethod
-    def _vm(name: str, vcpus: int, memory_mib: int, cpu: float, host: SimHost) -> Vm:
+    def _vm(name: str, vcpus: int, memory_mib: int, cpu: float, host: SimHost, state: str = "running") -> Vm:
         mem = memory_mib * MiB
+        running = state == "running"
+        cpu = min(100.0, cpu) if running else 0.0
         return Vm(
             uuid=str(uuid.uuid5(_VM_NS, name)),
             name=name,
-            state="running",
+            state=state,
             vcpus=vcpus,
-            cpu_percent=min(100.0, cpu),
+            cpu_percent=cpu,
             host_cpu_percent=min(100.0, cpu * vcpus / max(1, host.vcpus)),
             mem_max=mem,
-            mem_current=mem,
-            mem_rss=int(mem * (0.3 + 0.004 * min(100.0, cpu))),
+            # A shut-off domain holds no host memory.
+            mem_current=mem if running else 0,
+            mem_rss=int(mem * (0.3 + 0.004 * cpu)) if running else 0,
+        )
+
+    # -- commands (see the module doc) ------------------------------------------------------
+
+    def receive(self, node_ids: Sequence[str], answer: IngestResponse, now: float | None = None) -> int:
+        """Take the collector's ``answer`` to a POST of the reports of ``node_ids``; commands taken.
+
+        Acknowledged results are dropped.  New commands run (or are refused) at
+        once when the POST held one report; after a batch of several reports they
+        are left for the next tick, when those nodes post alone and the collector
+        sends each node's commands again on its own answer.
+        """
+        ts = self._clock() if now is None else now
+        with self._lock:
+            if isinstance(answer.acked, list):
+                for cid in answer.acked:
+                    for box in self._outbox.values():
+                        if box.results.pop(cid, None) is not None:
+                            self.stats.results_acked += 1
+            new = [c for c in answer.commands if c.id not in self._seen]
+            if not new:
+                return 0
+            if len(node_ids) != 1:
+                for node_id in node_ids:
+                    self._solo[node_id] = max(self._solo.get(node_id, 0), self._round + 1)
+                log.debug(
+                    "simulator: %d command(s) for a batch of %d nodes; they post alone",
+                    len(new),
+                    len(node_ids),
+                )
+                return 0
+            node_id = node_ids[0]
+            self._solo[node_id] = self._round + SOLO_TICKS
+            for cmd in new:
+                self._take(node_id, cmd, ts)
+            return len(new)
+
+    def advance(self, now: float | None = None) -> None:
+        """Move running migrations on to ``now``: progress, then the move and its result (or the abort)."""
+        ts = self._clock() if now is None else now
+        with self._lock:
+            for m in list(self._migrations.values()):
+                elapsed = max(0.0, ts - m.started)
+                if elapsed >= m.duration:
+                    self._finish_migration(m, ts)
+                elif ts >= m.deadline:
+                    self._abort_migration(m, ts)
+                else:
+                    self._outbox[m.source].progress[m.command_id] = CommandProgress(
+                        m.command_id, "running", _migration_figures(m, elapsed)
+                    )
+
+    def pending_results(self, node_id: str) -> list[CommandResult]:
+        """Results of ``node_id`` the collector has not acknowledged yet, oldest first."""
+        with self._lock:
+            box = self._outbox.get(node_id)
+            return list(box.results.values()) if box is not None else []
+
+    def _remember(self, command_id: str) -> None:
+        self._seen[command_id] = None
+        while len(self._seen) > REMEMBER_IDS:
+            self._seen.popitem(last=False)
+
+    def _result(self, node_id: str, result: CommandResult) -> None:
+        box = self._outbox.setdefault(node_id, _Outbox())
+        box.progress.pop(result.id, None)
+        box.results[result.id] = result
+        (log.info if result.ok else log.warning)(
+            "simulated node %s: command %s %s", node_id, result.id, "done" if result.ok else result.error
+        )
+
+    def _take(self, node_id: str, cmd: Command, now: float) -> None:
+        self._remember(cmd.id)
+        self.stats.commands_taken += 1
+        try:
+            detail = self._execute(node_id, cmd, now)
+        except _Failed as exc:
+            self._result(
+                node_id, CommandResult(id=cmd.id, ok=False, started=now, finished=now, error=str(exc))
+            )
+            return
+        if detail is not None:
+            self._result(node_id, CommandResult(id=cmd.id, ok=True, started=now, finished=now, detail=detail))
+
+    def _execute(self, node_id: str, cmd: Command, now: float) -> dict[str, Any] | None:
+        """Carry out ``cmd`` on ``node_id``: its result detail, or None when it goes on (a migration)."""
+        if cmd.action not in ACTIONS:
+            # The real agent's words: a newer collector may send actions this one does not know.
+            raise _Failed(
+                f"unknown action {cmd.action!r}: this agent knows {', '.join(ACTIONS)} "
+                "(upgrade the agent for newer actions)"
+            )
+        if cmd.action not in SIM_ACTIONS:
+            raise _Failed(
+                f"action {cmd.action} is not supported by simulated node {node_id}; simulated hosts run "
+                f"{', '.join(SIM_ACTIONS)} (group instances come and go through the simulated provider)"
+            )
+        try:
+            params = command_params(cmd.action, cmd.params)
+        except SchemaError as exc:
+            raise _Failed(str(exc)) from None
+        host = self._hosts.get(node_id)
+        if host is None:
+            inst = next((i for i in self._instances.values() if i.node_id == node_id), None)
+            where = f"; send VM actions to its host {inst.host}" if inst is not None else ""
+            raise _Failed(
+                f"{node_id} is a simulated group instance (a guest), not a host: it runs no VMs{where}"
+            )
+        if isinstance(params, MigrateParams):
+            self._start_migration(host, cmd, params, now)
+            return None
+        if isinstance(params, StopParams):
+            vm = self._vm_on(host, params.vm, "stop")
+            if params.vm in self._migrating():
+                raise _Failed(
+                    f"cannot stop VM {params.vm!r} on {node_id}: it is being migrated; wait for the migration"
+                )
+            vm.state = "shutoff"
+        elif isinstance(params, VmRef):
+            if cmd.action == "vm.state":
+                found = self._find_on(host, params.vm)
+                return {"vm": params.vm, "state": found.state if found is not None else "missing"}
+            vm = self._vm_on(host, params.vm, "start")  # vm.start
+            vm.state = "running"
+        else:  # pragma: no cover - SIM_ACTIONS lists only these parameter structs
+            raise _Failed(f"no handler for {cmd.action} on simulated node {node_id}")
+        return {"vm": params.vm, "state": vm.state}
+
+    def _find_on(self, host: SimHost, name: str) -> SimVm | SimInstance | None:
+        vm = host.vms.get(name)
+        if vm is not None:
+            return vm
+        inst = self._instances.get(name)
+        return inst if inst is not None and inst.host == host.node_id else None
+
+    def _vm_on(self, host: SimHost, name: str, verb: str) -> SimVm | SimInstance:
+        found = self._find_on(host, name)
+        if found is None:
+            raise _Failed(f"cannot {verb} VM {name!r}: it is not defined on {host.node_id}")
+        return found
+
+    def _migrating(self) -> set[str]:
+        return {m.vm for m in self._migrations.values()}
+
+    def _used_mib(self, node_id: str) -> int:
+        host = self._hosts[node_id]
+        used = HOST_BASE_MIB + sum(v.memory_mib for v in host.vms.values() if v.state == "running")
+        used += sum(
+            i.memory_mib for i in self._instances.values() if i.host == node_id and i.state == "running"
+        )
+        # Memory of VMs on their way here is already taken (as libvirt reserves it on the destination).
+        used += sum(m.memory_mib for m in self._migrations.values() if m.dest == node_id)
+        return used
+
+    def _start_migration(self, host: SimHost, cmd: Command, p: MigrateParams, now: float) -> None:
+        vm = self._vm_on(host, p.vm, "migrate")
+        if p.vm in self._migrating():
+            raise _Failed(f"a migration of {p.vm!r} is already running; wait for it before sending another")
+        if vm.state != "running":
+            raise _Failed(
+                f"cannot live-migrate VM {p.vm!r}: it is {vm.state} on {host.node_id} (start it first)"
+            )
+        if not p.dest_uri.startswith(MIGRATE_SCHEME):
+            raise _Failed(
+                f"cannot migrate {p.vm!r} to {p.dest_uri!r}: simulated hosts take only {MIGRATE_SCHEME}<node id> "
+                "URIs (what simulated hosts advertise as migrate_uri)"
+            )
+        dest_id = p.dest_uri[len(MIGRATE_SCHEME) :].strip("/")
+        dest = self._hosts.get(dest_id)
+        if dest is None or not dest.reporting:
+            raise _Failed(
+                f"cannot migrate {p.vm!r} to {p.dest_uri}: no simulated host {dest_id!r} is up; "
+                f"known hosts: {', '.join(sorted(h for h, x in self._hosts.items() if x.reporting))}"
+            )
+        if dest is host:
+            raise _Failed(
+                f"cannot migrate {p.vm!r} to {p.dest_uri}: it is already on {host.node_id} (same host)"
+            )
+        if self._find_on(dest, p.vm) is not None:
+            raise _Failed(f"cannot migrate {p.vm!r} to {dest_id}: a VM of that name is already defined there")
+        free = dest.memory_mib - self._used_mib(dest_id)
+        if vm.memory_mib > free:
+            raise _Failed(
+                f"cannot migrate {p.vm!r} to {dest_id}: it needs {vm.memory_mib} MiB and {dest_id} has "
+                f"{max(0, free)} MiB free; free memory there or pick another host"
+            )
+        limit = cmd.timeout_s if p.timeout_s is None else min(p.timeout_s, cmd.timeout_s)
+        m = _Migration(
+            cmd.id,
+            p.vm,
+            host.node_id,
+            dest_id,
+            p.dest_uri,
+            vm.memory_mib,
+            now,
+            migration_seconds(vm.memory_mib),
+            now + limit,
+        )
+        self._migrations[cmd.id] = m
+        self._outbox.setdefault(host.node_id, _Outbox()).progress[cmd.id] = CommandProgress(
+            cmd.id, "running", _migration_figures(m, 0.0)
+        )
+        log.info("simulated host %s: migrating %s to %s (%.1f s)", host.node_id, p.vm, dest_id, m.duration)
+
+    def _finish_migration(self, m: _Migration, now: float) -> None:
+        del self._migrations[m.command_id]
+        src, dest = self._hosts.get(m.source), self._hosts.get(m.dest)
+        vm = self._find_on(src, m.vm) if src is not None else None
+        elapsed = now - m.started
+        if src is None or dest is None or vm is None:
+            gone = m.vm if vm is None else (m.dest if dest is None else m.source)
+            self._result(
+                m.source,
+                CommandResult(
+                    id=m.command_id,
+                    ok=False,
+                    started=m.started,
+                    finished=now,
+                    error=f"migration of {m.vm} to {m.dest_uri} failed after {elapsed:.1f} s: {gone} went away "
+                    "during the migration; check the VM on both hosts",
+                ),
+            )
+            return
+        if isinstance(vm, SimInstance):
+            vm.host = dest.node_id
+        else:
+            dest.vms[m.vm] = src.vms.pop(m.vm)
+        figures = {"data_total": float(m.memory_mib * MiB), "elapsed_s": elapsed, "percent": 100.0}
+        self._result(
+            m.source,
+            CommandResult(
+                id=m.command_id,
+                ok=True,
+                started=m.started,
+                finished=now,
+                detail={"vm": m.vm, "dest_uri": m.dest_uri, **figures},
+            ),
+        )
+
+    def _abort_migration(self, m: _Migration, now: float) -> None:
+        del self._migrations[m.command_id]
+        elapsed = now - m.started
+        figures = _migration_figures(m, elapsed)
+        done = f"{figures['data_processed'] / MiB:.0f} of {m.memory_mib} MiB copied in {elapsed:.1f} s"
+        self._result(
+            m.source,
+            CommandResult(
+                id=m.command_id,
+                ok=False,
+                started=m.started,
+                finished=now,
+                error=f"migration of {m.vm} to {m.dest_uri} timed out after {m.deadline - m.started:.0f} s "
+                f"({done}); it was aborted and the VM keeps running on this host",
+            ),
         )
 
     def tick(self, now: float | None = None) -> int:
-        """Build and send one round of reports; how many the collector accepted.
+        """Advance commands, build and send one round of reports, take the answers; how many were accepted.
 
         Send failures are counted and logged (once until the next success), not raised.
         """
-        reports = self.build_reports(now)
+        ts = self._clock() if now is None else now
+        with self._lock:
+            self._round += 1
+            solo = {n for n, until in self._solo.items() if until >= self._round}
+            self._solo = {n: self._solo[n] for n in solo}
+        self.advance(ts)
+        reports = self.build_reports(ts)
         self.stats.ticks += 1
         if self._transport is None or not reports:
             return 0
+        alone = [[r] for r in reports if r.node_id in solo]
+        rest = [r for r in reports if r.node_id not in solo]
+        posts = alone + [rest[i : i + BATCH] for i in range(0, len(rest), BATCH)]
         accepted = 0
-        for i in range(0, len(reports), BATCH):
-            body = msgspec.json.encode(reports[i : i + BATCH])
+        for batch in posts:
+            body = msgspec.json.encode(batch)
             try:
-                accepted += self._transport.send(body).accepted
+                answer = self._transport.send(body)
             except TransportError as exc:
                 self.stats.posts_failed += 1
                 self.stats.last_error = str(exc)
@@ -381,6 +791,8 @@ class Simulator:
             if self._failing:
                 log.info("simulator: delivering reports again")
                 self._failing = False
+            accepted += answer.accepted
+            self.receive([r.node_id for r in batch], answer, ts)
         self.stats.reports_sent += accepted
         return accepted
 
@@ -415,3 +827,17 @@ class Simulator:
             thread.join(10.0)
         if self._transport is not None:
             self._transport.close()
+
+
+def _migration_figures(m: _Migration, elapsed_s: float) -> dict[str, float]:
+    """What a real agent's progress shows (``jobStats``), for a copy at a steady rate."""
+    total = float(m.memory_mib * MiB)
+    done = total * min(1.0, elapsed_s / m.duration) if m.duration > 0 else total
+    return {
+        "data_total": total,
+        "data_processed": done,
+        "data_remaining": total - done,
+        "memory_bps": total / m.duration if m.duration > 0 else 0.0,
+        "elapsed_ms": elapsed_s * 1000.0,
+        "percent": 100.0 * done / total if total else 100.0,
+    }

@@ -136,6 +136,16 @@ def test_demo_builds_a_labelled_cluster_and_group() -> None:
         assert sorted(demo.provider.hosts()) == ["sim-host-1", "sim-host-2", "sim-host-3"]
         reports = _valid(demo.simulator.build_reports())
         assert all(r.node.hostname.startswith("sim-") and r.node.os == SIM_OS for r in reports.values())
-        assert sum(len(r.vms) for r in reports.values()) == 3
+        assert sum(len(r.vms) for r in reports.values()) == 5
+        assert {r.node_id: r.node.migrate_uri for r in reports.values()} == {
+            h: f"sim+migrate://{h}" for h in ("sim-host-1", "sim-host-2", "sim-host-3")
+        }
+        # One host carries the heavy mix all along, so the Balance page has a move to recommend.
+        for _ in range(0, 600, 30):
+            clock.now += 30
+            cpu = {r.node_id: r.host.cpu_percent for r in demo.simulator.build_reports()}
+            assert cpu["sim-host-1"] > 30, cpu
+            assert max(cpu, key=cpu.__getitem__) == "sim-host-1", cpu
+            assert cpu["sim-host-1"] > 3 * cpu["sim-host-2"], cpu
     finally:
         demo.close()
