@@ -1,17 +1,27 @@
-"""Simulated nodes against a real collector process: they appear through the API with their values."""
+"""Simulated nodes against a real collector: they appear through the API with their values, and
+they carry out the collector's commands, so planned live migrations run end to end."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from cloudmon.client import ApiClient
+from cloudmon.actions.migration import PlanExecutor
+from cloudmon.client import ApiClient, ApiError
+from cloudmon.collector import CollectorThread
+from cloudmon.config import Config
+from cloudmon.control.arbiter import Arbiter
 from cloudmon.providers import LaunchRequest
 from cloudmon.sim import SIM_OS, Simulator, Workload
 from cloudmon.sim.demo import build_demo
-from tests.integration.conftest import StartCollectorProcess, wait_until
+from cloudmon.store import open_store
+from tests.integration.conftest import INTEGRATION_TOKEN, StartCollectorProcess, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -86,4 +96,144 @@ def test_demo_instances_become_simulated_nodes(
         assert api.node("sim-demo-web-1").latest["cpu.percent"] > 30
     finally:
         demo.close()
+    assert _sim_threads() == []
+
+
+@dataclass(frozen=True)
+class OneMove:
+    """A plan's move as the executor reads it (``cloudmon.rebalance.planner.Move`` has the same fields)."""
+
+    vm: str
+    source: str
+    target: str
+    mandatory: bool = False
+    wave: int = 0
+
+
+@pytest.fixture
+def live_collector(tmp_path: Path) -> Iterator[CollectorThread]:
+    """A real collector (HTTP, embedded store, control loops) in this process: its command queue is at hand."""
+    store = open_store(f"sqlite:///{tmp_path / 'telemetry.db'}")
+    ct = CollectorThread(
+        Config(listen_port=0, data_dir=str(tmp_path / "data"), control_tick_s=0.1), store, INTEGRATION_TOKEN
+    )
+    try:
+        ct.start()
+        yield ct
+    finally:
+        ct.close()
+        store.close()
+
+
+def _latest(api: ApiClient, node_id: str) -> dict[str, float]:
+    """The node's latest values through the API ({} until its first report is in)."""
+    try:
+        return dict(api.node(node_id).latest)
+    except ApiError as exc:
+        if exc.status == 404:
+            return {}
+        raise
+
+
+def _has_vm(api: ApiClient, node_id: str, vm: str) -> bool:
+    return f"vm.{vm}.mem_max" in _latest(api, node_id)
+
+
+def test_a_planned_move_live_migrates_a_simulated_vm(
+    live_collector: CollectorThread, api_for: list[ApiClient]
+) -> None:
+    api = ApiClient(live_collector.url, INTEGRATION_TOKEN)
+    api_for.append(api)
+    model = live_collector.collector.model
+    sim = Simulator(live_collector.url, INTEGRATION_TOKEN, interval_s=0.2)
+    try:
+        sim.add_host("host-a", vcpus=8, memory_mib=16384)
+        sim.add_host("host-b", vcpus=8, memory_mib=16384)
+        sim.add_vm("host-a", "app-1", 2, 4096, Workload.constant(70))
+        sim.start()
+        wait_until(lambda: _has_vm(api, "sim-host-a", "app-1"), 20, "app-1 in sim-host-a's report")
+        wait_until(lambda: model.get("sim-host-b") is not None, 20, "sim-host-b's first report")
+
+        def uri_for_host(host: str) -> str | None:
+            node = model.get(host)
+            return None if node is None else str(node.info.get("migrate_uri") or "") or None
+
+        events: list[dict[str, Any]] = []
+        executor = PlanExecutor(
+            live_collector.collector.commands,
+            lambda h: h if model.get(h) is not None else None,
+            uri_for_host,
+            Arbiter(time.time),
+            None,
+            time.time,
+            events.append,
+            migrate_timeout_s=60,
+            verify_timeout_s=30,
+            poll_s=0.1,
+        )
+        report = executor.run([OneMove("app-1", "sim-host-a", "sim-host-b")])
+        assert report.ok, f"{report.reason}\nevents: {events}"
+        assert [o.vm for o in report.done] == ["app-1"]
+        assert report.done[0].detail["percent"] == 100.0
+        kinds = [e["kind"] for e in events]
+        assert kinds[0] == "rebalance.move_started"
+        assert "rebalance.move_progress" in kinds
+        assert kinds[-2:] == ["rebalance.move_done", "rebalance.plan_done"]
+
+        # The reports follow the VM: on host-b with its load, gone from host-a.
+        wait_until(
+            lambda: _has_vm(api, "sim-host-b", "app-1") and not _has_vm(api, "sim-host-a", "app-1"),
+            20,
+            "app-1 reported by sim-host-b only",
+        )
+        assert api.node("sim-host-b").latest["vm.app-1.cpu_percent"] == pytest.approx(70.0)
+        assert sim.vm_host("app-1") == "sim-host-b"
+    finally:
+        sim.close()
+    assert _sim_threads() == []
+
+
+def test_an_approved_balance_plan_runs_on_simulated_hosts(
+    live_collector: CollectorThread, api_for: list[ApiClient]
+) -> None:
+    """What the Balance page does: compute a plan over the live cluster, approve it, watch it run."""
+    api = ApiClient(live_collector.url, INTEGRATION_TOKEN)
+    api_for.append(api)
+    sim = Simulator(live_collector.url, INTEGRATION_TOKEN, interval_s=0.2)
+    busy = ["busy-1", "busy-2", "busy-3", "busy-4"]
+    try:
+        sim.add_host("hot", vcpus=8, memory_mib=32768)
+        sim.add_host("cold", vcpus=8, memory_mib=32768)
+        for name in busy:
+            sim.add_vm("hot", name, 2, 2048, Workload.constant(90))
+        sim.start()
+        wait_until(
+            lambda: (
+                all(_has_vm(api, "sim-hot", v) for v in busy) and "cpu.percent" in api.node("sim-cold").latest
+            ),
+            20,
+            "both hosts' reports",
+        )
+        proposed = api.compute_plan({})["plan"]
+        moves = proposed["moves"]
+        assert moves, f"no move recommended for an unbalanced cluster: {proposed}"
+        assert all((m["source"], m["target"]) == ("sim-hot", "sim-cold") for m in moves)
+        api.approve_plan(proposed["id"])
+
+        def finished() -> bool:
+            return api.balance()["execution"]["state"] in ("done", "failed", "cancelled")
+
+        wait_until(finished, 60, "the plan's execution")
+        execution = api.balance()["execution"]
+        assert execution["state"] == "done", execution
+        assert execution["moves_done"] == len(moves)
+        moved = [m["vm"] for m in moves]
+        wait_until(
+            lambda: all(_has_vm(api, "sim-cold", v) and not _has_vm(api, "sim-hot", v) for v in moved),
+            20,
+            "the moved VMs in sim-cold's reports",
+        )
+        assert {v for v in busy if sim.vm_host(v) == "sim-cold"} == set(moved)
+    finally:
+        sim.close()
     assert _sim_threads() == []
