@@ -180,19 +180,21 @@ def test_without_ortools_auto_falls_back_and_says_so() -> None:
         assert any("exact" in n for n in p.notes)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_heuristic_is_close_to_exact_on_small_clusters(seed: int) -> None:
+@pytest.mark.parametrize("seed", range(5))
+def test_heuristic_matches_the_proven_optimum_on_tiny_clusters(seed: int) -> None:
     pytest.importorskip("ortools")
-    snap = random_snapshot(seed, 6, 18)
-    s = PlanSettings(threshold=5, max_moves=4, time_budget_s=5.0)
+    snap = random_snapshot(seed, 4, 10)
+    s = PlanSettings(threshold=5, max_moves=3, time_budget_s=20.0)
     h = plan(snap, msgspec.structs.replace(s, solver="heuristic"))
     e = plan(snap, msgspec.structs.replace(s, solver="exact"))
     replay(snap, e, s)
+    if not any("proved" in n for n in e.notes):
+        pytest.skip("CP-SAT did not prove optimality within the budget on this machine")
     # The exact plan starts from the heuristic's answer, so it is never worse.
     assert e.imbalance_after <= h.imbalance_after + 1e-9
     dh = h.imbalance_before - h.imbalance_after
     de = e.imbalance_before - e.imbalance_after
-    assert dh >= 0.9 * de
+    assert dh >= 0.95 * de
     assert len(h.moves) <= s.max_moves
 
 
