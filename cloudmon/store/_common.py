@@ -358,6 +358,28 @@ def encode_event(event: Mapping[str, object]) -> tuple[str, float, str]:
     return eid, ts, body
 
 
+#: Extra events a millisecond-keyed store reads past each end of a range (see :func:`events_in`).
+EVENT_SLACK: Final = 64
+
+
+def event_key_range(start: float, end: float) -> tuple[int, int]:
+    """Millisecond keys ``[lo, hi)`` that cover every event with ``start <= ts < end``.
+
+    Stores key events by ``round(ts * 1000)``, so an event in the last half
+    millisecond before ``end`` has the same key as ``end`` itself: the range is
+    widened by a millisecond each side and :func:`events_in` cuts it exactly.
+    """
+    return math.floor(start * 1000) - 1, math.ceil(end * 1000) + 1
+
+
+def events_in(
+    bodies: list[dict[str, object]], start: float, end: float, limit: int
+) -> list[dict[str, object]]:
+    """Of ``bodies`` (oldest first), those with ``start <= ts < end``: the newest ``limit``."""
+    inside = [b for b in bodies if start <= float(b["ts"]) < end]  # type: ignore[arg-type]
+    return inside[-limit:]
+
+
 def encode_document(kind: str, key: str, doc: Mapping[str, object]) -> str:
     """A document's JSON body, after checking ``kind`` and ``key``."""
     check_kind_key(kind, key)

@@ -122,11 +122,14 @@ from cloudmon.store._codec import (
     unpack_f64x3,
 )
 from cloudmon.store._common import (
+    EVENT_SLACK,
     check_kind_key,
     check_node_record,
     check_query,
     encode_document,
     encode_event,
+    event_key_range,
+    events_in,
     finite,
     plan_tiers,
 )
@@ -1112,7 +1115,9 @@ class EmbeddedStore:
         with self._wlock:
             self._check_open()
             with self._writing("appending an event to"):
-                self._wcon.execute("INSERT INTO events(id, ts_ms, body) VALUES (?,?,?)", (eid, round(ts * 1000), body))
+                self._wcon.execute(
+                    "INSERT INTO events(id, ts_ms, body) VALUES (?,?,?)", (eid, round(ts * 1000), body)
+                )
         return eid
 
     def events(self, start: float, end: float, limit: int = 1000) -> list[dict[str, object]]:
@@ -1120,12 +1125,13 @@ class EmbeddedStore:
         lo, hi = finite("start", start), finite("end", end)
         if limit < 1:
             raise ValueError(f"limit: must be ≥ 1, got {limit!r}")
+        lo_ms, hi_ms = event_key_range(lo, hi)
         with self._reading("reading events from") as con:
             rows = con.execute(
                 "SELECT body FROM events WHERE ts_ms >= ? AND ts_ms < ? ORDER BY ts_ms DESC, seq DESC LIMIT ?",
-                (round(lo * 1000), round(hi * 1000), limit),
+                (lo_ms, hi_ms, limit + EVENT_SLACK),
             ).fetchall()
-        return [json.loads(r[0]) for r in reversed(rows)]
+        return events_in([json.loads(r[0]) for r in reversed(rows)], lo, hi, limit)
 
     def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
         """Store (or replace) a configuration/inventory document."""

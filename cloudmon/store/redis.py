@@ -69,6 +69,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import msgspec
 
 from cloudmon.store._common import (
+    EVENT_SLACK,
     StepAcc,
     aggregate,
     check_kind_key,
@@ -76,6 +77,8 @@ from cloudmon.store._common import (
     check_query,
     encode_document,
     encode_event,
+    event_key_range,
+    events_in,
     finite,
     merge,
     pick_tier,
@@ -815,11 +818,12 @@ class RedisStore:
         lo, hi = finite("start", start), finite("end", end)
         if limit < 1:
             raise ValueError(f"limit: must be ≥ 1, got {limit!r}")
+        lo_ms, hi_ms = event_key_range(lo, hi)
         with self._op("reading events"):
             rows = self._r.zrevrangebyscore(
-                self._k("events"), f"({round(hi * 1000)}", round(lo * 1000), start=0, num=limit
+                self._k("events"), f"({hi_ms}", lo_ms, start=0, num=limit + EVENT_SLACK
             )
-        return [json.loads(b) for b in reversed(rows)]
+        return events_in([json.loads(b) for b in reversed(rows)], lo, hi, limit)
 
     def put_document(self, kind: str, key: str, doc: Mapping[str, object]) -> None:
         """Store (or replace) a configuration/inventory document."""

@@ -45,6 +45,17 @@ def test_events_with_the_same_ts_are_all_kept(docs: TelemetryStore, hour: float)
     assert sorted(str(e["n"]) for e in docs.events(hour, hour + 1)) == ["0", "1", "2"]
 
 
+def test_range_ends_are_exact_below_a_millisecond(docs: TelemetryStore, hour: float) -> None:
+    # An event 0.7 ms before "now" must be in a range that ends now (a console asking for
+    # "the last hour" right after an action); one exactly at the end must not.
+    docs.append_event({"ts": hour + 0.3616, "n": "inside"})
+    docs.append_event({"ts": hour + 0.3622, "n": "at_end"})
+    docs.append_event({"ts": hour - 0.0004, "n": "before"})
+    assert [e["n"] for e in docs.events(hour, hour + 0.3622)] == ["inside"]
+    assert [e["n"] for e in docs.events(hour - 0.0004, hour + 0.36221)] == ["before", "inside", "at_end"]
+    assert [e["n"] for e in docs.events(hour - 0.0004, hour + 1, limit=1)] == ["at_end"]
+
+
 def test_a_bad_event_is_rejected_and_stores_nothing(docs: TelemetryStore, hour: float) -> None:
     with pytest.raises(ValueError, match="ts"):
         docs.append_event({"ts": "yesterday"})
