@@ -637,6 +637,27 @@ class Collector:
         plan_id = request.match_info["plan_id"]
         return await self._control_call(lambda c: {"plan": c.reject(plan_id)})
 
+    async def handle_rules(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/rules``."""
+        return await self._control_call(lambda c: {"rules": c.rules_view()})
+
+    async def handle_put_rule(self, request: web.Request) -> web.Response:
+        """``PUT /api/v1/rules/{name}``."""
+        name = request.match_info["name"]
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: {"rule": c.put_rule(name, body)})
+
+    async def handle_delete_rule(self, request: web.Request) -> web.Response:
+        """``DELETE /api/v1/rules/{name}``."""
+        name = request.match_info["name"]
+        return await self._control_call(lambda c: {"deleted": c.delete_rule(name)})
+
+    async def handle_maintenance(self, request: web.Request) -> web.Response:
+        """``PUT /api/v1/hosts/{node_id}/maintenance``."""
+        node_id = request.match_info["node_id"]
+        body = await self._json_body(request)
+        return await self._control_call(lambda c: c.set_maintenance(node_id, body))
+
     async def handle_events(self, request: web.Request) -> web.Response:
         """``GET /api/v1/events``."""
         q = request.query

@@ -48,12 +48,14 @@ from cloudmon.model.cluster import ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import Provider, ProviderError
 from cloudmon.rebalance.planner import Plan, PlanSettings, imbalance, plan
-from cloudmon.rebalance.snapshot import ClusterSnapshot
+from cloudmon.rebalance.snapshot import ClusterSnapshot, Rule, SnapshotError
 from cloudmon.store.base import StoreError, TelemetryStore
 
 log = logging.getLogger(__name__)
 
 SETTINGS_DOC: Final = "balance_settings"
+RULE_DOC: Final = "rule"
+MAINTENANCE_DOC: Final = "host_maintenance"
 SETTINGS_KEY: Final = "cluster"
 #: How much imbalance history the Balance page gets (seconds).
 HISTORY_S: Final = 3600.0
@@ -491,11 +493,81 @@ class ControlPlane:
         self._store.put_document(SETTINGS_DOC, SETTINGS_KEY, msgspec.to_builtins(new))
         return new
 
+    def rules_view(self) -> list[dict[str, Any]]:
+        """Placement rules (affinity, anti-affinity, VM-host must/should), by name."""
+        docs = self._store.list_documents(RULE_DOC)
+        return [{"name": k, **docs[k]} for k in sorted(docs)]
+
+    def put_rule(self, name: str, doc: object) -> dict[str, Any]:
+        """Create or replace a placement rule (checked against the snapshot format)."""
+        if not isinstance(doc, dict):
+            raise ControlError("the rule must be a JSON object: {kind, vms, hosts}")
+        body = dict(doc)
+        body.setdefault("name", name)
+        if body["name"] != name:
+            raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
+        try:
+            rule = msgspec.convert(body, Rule)
+        except msgspec.ValidationError as exc:
+            raise ControlError(f"invalid rule {name!r}: {exc}") from None
+        stored = msgspec.to_builtins(rule)
+        stored.pop("name")
+        self._store.put_document(RULE_DOC, name, stored)
+        self._append_event(
+            {
+                "kind": "rebalance.rule",
+                "reason": f"rule {name} ({rule.kind}) set for VMs {', '.join(rule.vms)}"
+                + (f" and hosts {', '.join(rule.hosts)}" if rule.hosts else ""),
+            }
+        )
+        self._replan_soon()
+        return {"name": name, **stored}
+
+    def delete_rule(self, name: str) -> bool:
+        """Remove a placement rule; ``False`` if there was none."""
+        gone = self._store.delete_document(RULE_DOC, name)
+        if not gone:
+            raise NotFound(f"no rule named {name!r}")
+        self._append_event({"kind": "rebalance.rule_deleted", "reason": f"rule {name} deleted"})
+        self._replan_soon()
+        return gone
+
+    def set_maintenance(self, host: str, doc: object) -> dict[str, Any]:
+        """Put a host into maintenance (its VMs must move: mandatory moves) or take it out."""
+        if not isinstance(doc, dict) or not isinstance(doc.get("maintenance"), bool):
+            raise ControlError('send {"maintenance": true} or {"maintenance": false}')
+        on = bool(doc["maintenance"])
+        if self._model.get(host) is None:
+            raise NotFound(f"unknown host {host!r}: use a node id from /api/v1/nodes")
+        if on:
+            self._store.put_document(MAINTENANCE_DOC, host, {"maintenance": True})
+        else:
+            self._store.delete_document(MAINTENANCE_DOC, host)
+        self._append_event(
+            {
+                "kind": "rebalance.maintenance",
+                "host": host,
+                "reason": f"host {host} "
+                + ("enters maintenance: its VMs must move (mandatory moves)" if on else "leaves maintenance"),
+            }
+        )
+        self._replan_soon()
+        return {"host": host, "maintenance": on}
+
+    def _replan_soon(self) -> None:
+        # Rules and maintenance change what is mandatory: recommend again at the next round.
+        with self._plan_lock:
+            self._last_plan = -1e18
+            self._last_balance = -1e18
+
     def _planner_settings(self, s: BalanceSettings) -> PlanSettings:
         return PlanSettings(threshold=s.threshold, automation=s.automation, mode=s.mode)
 
     def _snapshot(self, settings: BalanceSettings) -> ClusterSnapshot:
-        return self._snapshot_source(self._model, self._store, self._clock(), settings.window_s)
+        try:
+            return self._snapshot_source(self._model, self._store, self._clock(), settings.window_s)
+        except SnapshotError as exc:
+            raise ControlError(str(exc)) from None
 
     def _tick_balance(self, now: float) -> None:
         settings = self.settings()

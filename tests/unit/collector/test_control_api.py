@@ -172,3 +172,41 @@ def test_a_collector_without_control_loops_says_so(store: TelemetryStore, tmp_pa
     finally:
         client.close()
         ct.close()
+
+
+def test_rules_and_maintenance_are_checked_stored_and_logged(
+    collector: CollectorThread, api: ApiClient
+) -> None:
+    rule = {"kind": "anti_affinity", "vms": ["web-1", "web-2"]}
+    stored = api._json("PUT", "/api/v1/rules/web-spread", rule)["rule"]
+    assert stored == {"name": "web-spread", "kind": "anti_affinity", "vms": ["web-1", "web-2"], "hosts": []}
+    assert api._json("GET", "/api/v1/rules")["rules"] == [stored]
+    with pytest.raises(ApiError) as err:
+        api._json("PUT", "/api/v1/rules/bad", {"kind": "sometimes", "vms": ["a"]})
+    assert err.value.status == 400
+    assert "kind" in err.value.message
+    assert api._json("DELETE", "/api/v1/rules/web-spread") == {"deleted": True}
+    with pytest.raises(ApiError) as err:
+        api._json("DELETE", "/api/v1/rules/web-spread")
+    assert err.value.status == 404
+
+    with pytest.raises(ApiError) as err:
+        api._json("PUT", "/api/v1/hosts/nobody/maintenance", {"maintenance": True})
+    assert err.value.status == 404
+    sim = Simulator(collector.url, TOKEN, seed=2)
+    try:
+        host = sim.add_host("h1", vcpus=4, memory_mib=8192)
+        sim.start()
+        wait_for(lambda: len(api.nodes().nodes) == 1, what="the simulated host")
+    finally:
+        sim.close()
+    with pytest.raises(ApiError) as err:
+        api._json("PUT", f"/api/v1/hosts/{host}/maintenance", {"maintenance": "yes"})
+    assert err.value.status == 400
+    assert api._json("PUT", f"/api/v1/hosts/{host}/maintenance", {"maintenance": True}) == {
+        "host": host,
+        "maintenance": True,
+    }
+    events = api._json("GET", "/api/v1/events?kind=rebalance.")["events"]
+    kinds = [e["kind"] for e in events if e["kind"] != "rebalance.plan"]
+    assert kinds == ["rebalance.rule", "rebalance.rule_deleted", "rebalance.maintenance"], events
