@@ -255,7 +255,7 @@ def _demo_headless(url: str, token: str, group: str, seconds: float) -> int:
                 events = []
             for ev in reversed(events):
                 key = str(ev.get("id"))
-                if key in seen or ev.get("kind") == "autoscale.no_action":
+                if key in seen:
                     continue
                 seen.add(key)
                 stamp = time.strftime("%H:%M:%S", time.localtime(float(ev.get("ts", 0))))

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-DEFAULT_BUDGET: Final = 6
+DEFAULT_BUDGET: Final = 20
 DEFAULT_WINDOW_S: Final = 300.0
 DEFAULT_HOLD_S: Final = 1800.0
 
