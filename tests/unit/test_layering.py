@@ -89,10 +89,14 @@ print(len(names))
         # Core tests run without Qt: nothing outside cloudmon.ui may need it.
         (QT, set()),
         # A plain install (no extras) must run the console and collector: redis-py,
-        # pymongo, libvirt and NVML are imported only when configured.  The shared
+        # pymongo, libvirt, NVML and OR-Tools (the exact planner) are imported only when
+        # configured or used.  The shared
         # queue module is the one place that needs redis-py at import time, and the
         # collector imports it only when a queue URL is set.
-        ({"redis", "pymongo", "bson", "libvirt", "pynvml"}, {"cloudmon.collector.queue"}),
+        (
+            {"redis", "pymongo", "bson", "libvirt", "pynvml", "ortools"},
+            {"cloudmon.collector.queue"},
+        ),
     ],
     ids=["without-qt", "without-optional-extras"],
 )
