@@ -36,7 +36,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from cloudmon.autoscale.model import GroupSpec, LaunchTemplate, SpecError, spec_from_doc
+from cloudmon.autoscale.model import GroupSpec, LaunchTemplate, SpecError, TargetTrackingPolicy, spec_from_doc
 from cloudmon.autoscale.service import AutoscaleService
 from cloudmon.collector.commands import CommandQueue
 from cloudmon.control.arbiter import Arbiter
@@ -355,8 +355,8 @@ class ControlPlane:
                 if node is not None:
                     d["cpu_percent"] = node.latest.get("cpu.percent")
                 instances.append(d)
-        target = next((p for p in spec.policies if getattr(p, "type", "") == "target_tracking"), None)
-        name = getattr(target, "metric", None) or next((p.metric for p in spec.policies), None)
+        target = next((p for p in spec.policies if isinstance(p, TargetTrackingPolicy)), None)
+        name = target.metric if target is not None else next((p.metric for p in spec.policies), None)
         if name:
             values = [
                 node.latest[name]
@@ -368,7 +368,7 @@ class ControlPlane:
             metric = {
                 "name": name,
                 "value": sum(values) / len(values) if values else None,
-                "target": getattr(target, "target", None),
+                "target": target.target if target is not None else None,
             }
         return {
             "name": spec.name,

@@ -62,6 +62,8 @@ def test_a_group_is_created_scaled_to_its_desired_size_and_its_activity_explains
     view = api.put_group("web", GROUP)["group"]
     assert view["name"] == "web"
     assert view["simulated"] is True
+    assert view["metric"]["name"] == "cpu.percent"
+    assert view["metric"]["target"] == 50
 
     def two_in_service() -> list[dict[str, Any]]:
         (g,) = api.groups()["groups"]
