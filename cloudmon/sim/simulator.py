@@ -364,6 +364,24 @@ class Simulator:
                     return node_id
         return None
 
+    def host_usage(self) -> dict[str, dict[str, float]]:
+        """What the VMs (group instances included) on each host take now, where they are now.
+
+        ``{node id: {"vcpus_used": ..., "memory_mib_used": ...}}`` for every host;
+        it follows migrations, unlike figures recorded when a VM was placed.
+        """
+        with self._lock:
+            out = {h: {"vcpus_used": 0.0, "memory_mib_used": 0.0} for h in self._hosts}
+            for node_id, host in self._hosts.items():
+                for vm in host.vms.values():
+                    out[node_id]["vcpus_used"] += vm.vcpus
+                    out[node_id]["memory_mib_used"] += vm.memory_mib
+            for inst in self._instances.values():
+                if inst.host in out:
+                    out[inst.host]["vcpus_used"] += inst.vcpus
+                    out[inst.host]["memory_mib_used"] += inst.memory_mib
+            return out
+
     def vm_state(self, name: str) -> str:
         """The simulated VM's state: ``running``, ``shutoff``, or ``missing`` when no host has it."""
         with self._lock:
@@ -554,6 +572,11 @@ class Simulator:
                         m.command_id, "running", _migration_figures(m, elapsed)
                     )
 
+    def solo_nodes(self) -> set[str]:
+        """Nodes whose next report is posted alone, so that their answers carry only their commands."""
+        with self._lock:
+            return {n for n, until in self._solo.items() if until > self._round}
+
     def pending_results(self, node_id: str) -> list[CommandResult]:
         """Results of ``node_id`` the collector has not acknowledged yet, oldest first."""
         with self._lock:
@@ -701,6 +724,8 @@ class Simulator:
             now + limit,
         )
         self._migrations[cmd.id] = m
+        # The executor checks the destination next (vm.state): have its answers unambiguous too.
+        self._solo[dest_id] = max(self._solo.get(dest_id, 0), self._round + SOLO_TICKS)
         self._outbox.setdefault(host.node_id, _Outbox()).progress[cmd.id] = CommandProgress(
             cmd.id, "running", _migration_figures(m, 0.0)
         )

@@ -70,6 +70,8 @@ def test_migration_reports_progress_then_moves_the_vm_and_its_load(sim: Simulato
     assert migration_seconds(4096) == 2.0
     cmd = _cmd("m1", "vm.migrate", clock, vm="db", dest_uri="sim+migrate://sim-b", live=True, timeout_s=600)
     assert sim.receive(["sim-a"], _answer(cmd)) == 1
+    sim.tick()
+    assert sim.solo_nodes() == {"sim-a", "sim-b"}  # the source got a command; the destination is checked next
     first = _reports(sim, clock.now)["sim-a"]
     assert [(p.id, p.state, p.detail["percent"]) for p in first.progress] == [("m1", "running", 0.0)]
     assert {v.name for v in first.vms} == {"db"}  # still on the source while it copies
@@ -215,6 +217,10 @@ def test_a_group_instance_migrates_and_its_agent_keeps_reporting(sim: Simulator,
     assert {v.name for v in reports["sim-a"].vms} == {"db"}
     assert reports["sim-web-1"].host.cpu_percent == pytest.approx(40.0)
     assert sim.vm_host("web-1") == "sim-b"
+    assert sim.host_usage() == {
+        "sim-a": {"vcpus_used": 2.0, "memory_mib_used": 4096.0},
+        "sim-b": {"vcpus_used": 2.0, "memory_mib_used": 2048.0},
+    }
 
 
 def test_commands_answered_to_a_batch_wait_until_their_nodes_post_alone(sim: Simulator, clock: Clock) -> None:
