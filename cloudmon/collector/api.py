@@ -329,6 +329,16 @@ ROUTES: Final[tuple[Route, ...]] = (
         errors={503: "Store unavailable"},
     ),
     Route(
+        "GET",
+        f"{API_PREFIX}/balance/snapshot",
+        "handle_snapshot",
+        "The live cluster as a snapshot (hosts, VMs with p95 CPU demand, rules, settings)",
+        "Save it and run 'cloudmon plan --snapshot FILE' for what-if plans (format: README, "
+        "Cluster snapshots).",
+        ok={200: ("The snapshot", _JSON, _OBJECT)},
+        errors={400: "An invalid rule or VM document (named)", 503: "Store unavailable"},
+    ),
+    Route(
         "PUT",
         f"{API_PREFIX}/balance/settings",
         "handle_balance_settings",

@@ -617,6 +617,10 @@ class Collector:
         """``GET /api/v1/balance``."""
         return await self._control_call(lambda c: c.balance_view())
 
+    async def handle_snapshot(self, request: web.Request) -> web.Response:
+        """``GET /api/v1/balance/snapshot``."""
+        return await self._control_call(lambda c: c.snapshot())
+
     async def handle_balance_settings(self, request: web.Request) -> web.Response:
         """``PUT /api/v1/balance/settings``."""
         body = await self._json_body(request)

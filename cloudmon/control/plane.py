@@ -638,6 +638,14 @@ class ControlPlane:
         )
         return record
 
+    def snapshot(self) -> dict[str, Any]:
+        """The live cluster as a snapshot (save it for ``cloudmon plan --snapshot FILE``)."""
+        settings = self.settings()
+        snap = self._snapshot(settings)
+        snap = msgspec.structs.replace(snap, settings=self._planner_settings(settings))
+        out: dict[str, Any] = msgspec.to_builtins(snap)
+        return out
+
     def compute_plan(self, overrides: object) -> dict[str, Any]:
         """Compute a plan now (``POST /balance/plan``); ``overrides`` may change settings first."""
         settings = self.put_settings(overrides) if overrides else self.settings()

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from cloudmon.client import ApiClient, ApiError
@@ -141,8 +142,17 @@ def test_a_plan_for_an_unbalanced_cluster_is_proposed_explained_and_can_be_rejec
         wait_for(lambda: len(api.nodes().nodes) == 2, what="two simulated hosts")
         wait_for(lambda: api.balance()["hosts"], timeout=20, what="host loads")
         plan = api.compute_plan({"threshold": 5})["plan"]
+        snapshot = api._json("GET", "/api/v1/balance/snapshot")
     finally:
         sim.close()
+    # The saved snapshot is what 'cloudmon plan --snapshot' reads, and gives the same moves.
+    from cloudmon.rebalance.planner import plan as offline_plan
+    from cloudmon.rebalance.snapshot import loads
+
+    offline = offline_plan(loads(msgspec.json.encode(snapshot)))
+    assert snapshot["settings"]["threshold"] == 5
+    assert {v["name"] for v in snapshot["vms"]} == {"vm0", "vm1", "vm2", "vm3"}
+    assert [(m.vm, m.target) for m in offline.moves] == [(m["vm"], m["target"]) for m in plan["moves"]]
     assert plan["status"] == "proposed"
     assert plan["moves"], plan
     for move in plan["moves"]:
