@@ -108,6 +108,11 @@ class SimulatedProvider:
 
     def hosts(self) -> Mapping[str, Mapping[str, float]]:
         """Each simulated host's size and what its instances (and other VMs) take."""
+        if self.simulator is not None:
+            # The simulator knows where every VM and instance is now (they migrate).
+            usage = self.simulator.host_usage()
+            with self._lock:
+                return {h: {**f, **usage.get(h, {})} for h, f in self._hosts.items()}
         with self._lock:
             out = {h: dict(f) for h, f in self._hosts.items()}
             for rec in self._records.values():
@@ -179,11 +184,13 @@ class SimulatedProvider:
                     out[iid] = InstanceInfo(id=iid, group="", state=InstanceState.MISSING)
                 else:
                     i = rec.info
+                    # A rebalanced instance is where the simulator has it now.
+                    host = (self.simulator.vm_host(iid) if self.simulator is not None else None) or i.host
                     out[iid] = InstanceInfo(
                         id=i.id,
                         group=i.group,
                         state=self._state(rec, now),
-                        host=i.host,
+                        host=host,
                         node_id=i.node_id,
                         created=i.created,
                     )

@@ -96,6 +96,19 @@ def _vm_names(latest: Mapping[str, float]) -> list[str]:
     return sorted(names)
 
 
+def _is_vm_host(
+    node_id: str, hostname: str, info: Mapping[str, object], latest: Mapping[str, float], guests: set[str]
+) -> bool:
+    """Whether a node takes part in placement: it runs VMs or accepts migrations, and is no guest.
+
+    A node that reports no VMs and advertises no ``migrate_uri`` (a plain server, the
+    console's own machine) can neither give nor take a VM.
+    """
+    if node_id in guests or hostname in guests:
+        return False
+    return bool(_vm_names(latest)) or bool(info.get("migrate_uri"))
+
+
 def snapshot_from_live(
     model: ClusterModel,
     store: TelemetryStore,
@@ -118,11 +131,21 @@ def snapshot_from_live(
     vm_settings = load_vm_settings(store)
     hosts: list[Host] = []
     vms: list[VM] = []
+    online = [
+        n
+        for n in sorted(model.nodes(), key=lambda n: n.node_id)
+        if n.status(now, model.node_timeout) is NodeStatus.ONLINE
+    ]
+    # A guest's own agent (an auto-scaling instance reporting from inside its VM) is
+    # not a host: its node id or hostname names a VM that a host reports.
+    guests = {name for n in online for name in _vm_names(n.latest)}
     for node in sorted(model.nodes(), key=lambda n: n.node_id):
         if node.status(now, model.node_timeout) is not NodeStatus.ONLINE:
             log.info("planner snapshot leaves out unreachable node %s", node.node_id)
             continue
         latest = dict(node.latest)
+        if not _is_vm_host(node.node_id, node.hostname, node.info, latest, guests):
+            continue
         cores_raw = node.info.get("cpu_count", 0)
         cores = float(cores_raw) if isinstance(cores_raw, int | float) else 0.0
         mem_mib = latest.get("mem.total", 0.0) / _MIB

@@ -103,3 +103,19 @@ def test_percentile() -> None:
     assert percentile([], 95) == 0.0
     assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
     assert percentile([0.0, 10.0], 95) == pytest.approx(9.5)
+
+
+def test_only_vm_hosts_take_part_not_plain_servers_or_guests(store: TelemetryStore) -> None:
+    model = ClusterModel(node_timeout=5.0)
+    info = {"cpu_count": 16}
+    model.update("kvm-1", "kvm-1", NOW, 1.0, _values({"web-1": 30.0}, 40.0), info, NOW)
+    # An empty host that accepts migrations is a target.
+    model.update(
+        "kvm-2", "kvm-2", NOW, 1.0, _values({}, 2.0), {**info, "migrate_uri": "qemu+tls://kvm-2/system"}, NOW
+    )
+    # A plain server (no VMs, no libvirt) and the agent inside guest web-1 are not hosts.
+    model.update("db-server", "db-server", NOW, 1.0, _values({}, 50.0), info, NOW)
+    model.update("node-in-guest", "web-1", NOW, 1.0, _values({}, 90.0), {"cpu_count": 2}, NOW)
+    snap = snapshot_from_live(model, store, NOW, window_s=60)
+    assert [h.name for h in snap.hosts] == ["kvm-1", "kvm-2"]
+    assert [(v.name, v.host) for v in snap.vms] == [("web-1", "kvm-1")]

@@ -233,3 +233,31 @@ def test_commands_answered_to_a_batch_wait_until_their_nodes_post_alone(sim: Sim
     assert sim.receive(["sim-b"], _answer(cmd)) == 1
     assert _result(_reports(sim, clock.now)["sim-b"], "s").detail["state"] == "missing"
     assert SOLO_TICKS > 1
+
+
+def test_the_simulated_provider_follows_a_migrated_instance(sim: Simulator, clock: Clock) -> None:
+    from cloudmon.providers.base import LaunchRequest
+    from cloudmon.providers.simulated import SimulatedProvider
+
+    provider = SimulatedProvider(
+        {
+            "simulator": sim,
+            "hosts": {"a": {"vcpus": 8, "memory_mib": 16384}, "b": {"vcpus": 8, "memory_mib": 16384}},
+        },
+        clock=clock,
+    )
+    try:
+        info = provider.create(LaunchRequest(group="web", name="web-1", vcpus=2, memory_mib=2048, host="a"))
+        assert info.host == "sim-a"
+        sim.receive(
+            ["sim-a"], _answer(_cmd("m", "vm.migrate", clock, vm="web-1", dest_uri=migrate_uri("sim-b")))
+        )
+        clock.now += migration_seconds(2048)
+        sim.tick()
+        assert provider.describe(["web-1"])["web-1"].host == "sim-b"
+        # Placement sees where things are now: db (4 GiB) on a, web-1 (2 GiB) on b.
+        hosts = provider.hosts()
+        assert hosts["sim-a"]["memory_mib_used"] == 4096.0
+        assert hosts["sim-b"]["memory_mib_used"] == 2048.0
+    finally:
+        provider.close()
