@@ -107,7 +107,7 @@ def test_percentile() -> None:
 
 def test_only_vm_hosts_take_part_not_plain_servers_or_guests(store: TelemetryStore) -> None:
     model = ClusterModel(node_timeout=5.0)
-    info = {"cpu_count": 16}
+    info: dict[str, object] = {"cpu_count": 16}
     model.update("kvm-1", "kvm-1", NOW, 1.0, _values({"web-1": 30.0}, 40.0), info, NOW)
     # An empty host that accepts migrations is a target.
     model.update(
