@@ -6,7 +6,8 @@ from a worker thread every few seconds.  Each tick, for every group document:
 1. load the group's state (a ``group_state`` document; a restart continues);
 2. observe: the provider's view of each instance (``describe``) and the
    instance's telemetry from the live :class:`ClusterModel` (matched on the
-   instance's ``node_id``);
+   instance's ``node_id``; a VM without an agent of its own, as the libvirt and
+   agent providers create, is measured by its host's agent: :func:`vm_values`);
 3. :func:`cloudmon.autoscale.controller.decide` (pure);
 4. ask the :class:`Arbiter` (loop ``"autoscale"``; replacing unhealthy
    instances is mandatory) and act through the provider: launch, drain, delete;
@@ -65,7 +66,7 @@ from cloudmon.autoscale.model import (
 )
 from cloudmon.control.arbiter import Arbiter
 from cloudmon.lb.base import Drainer, DrainOutcome
-from cloudmon.model.cluster import ClusterModel
+from cloudmon.model.cluster import ClusterModel, NodeStatus
 from cloudmon.providers.base import InstanceInfo, LaunchRequest, Provider
 from cloudmon.store.base import StoreError, TelemetryStore
 
@@ -75,6 +76,52 @@ LOOP: Final = "autoscale"
 #: With a load balancer, a drain whose result was lost (restart) ends this long after its timeout.
 DRAIN_SLACK_S: Final = 60.0
 _EVENT_BATCH: Final = 5000
+
+
+#: Figures a host's agent reports for each of its VMs, as ``vm.<name>.<field>``
+#: (see ``cloudmon_agent.schema``'s flattening).
+VM_FIELDS: Final = (
+    "cpu_percent",
+    "host_cpu_percent",
+    "vcpus",
+    "mem_max",
+    "mem_current",
+    "mem_rss",
+    "mem_unused",
+    "disk_read_bps",
+    "disk_write_bps",
+    "net_rx_bps",
+    "net_tx_bps",
+)
+
+
+def vm_values(model: ClusterModel, vm: str, host: str | None, now: float) -> dict[str, float]:
+    """A VM's latest figures as its host's agent reports them, or ``{}`` when no online agent does.
+
+    Keys are the :data:`VM_FIELDS` (``cpu_percent``, ``mem_rss``, ...), and
+    ``cpu.percent`` is the VM's ``cpu_percent`` (of its own vCPUs, as a
+    hypervisor measures an EC2 instance's CPUUtilization), so a policy on the
+    default metric works for VMs without an agent inside.  The node named
+    ``host`` (node id or hostname) is looked at first; any online node that
+    reports the VM (it may have been migrated) will do.  Offline nodes are
+    skipped: their last values are stale.
+    """
+    key = f"vm.{vm}.cpu_percent"
+    found: Mapping[str, float] | None = None
+    # One pass, no sorting: this runs per instance per tick over every node.
+    for node in model.nodes():
+        latest = node.latest
+        if key not in latest or node.status(now, model.node_timeout) is not NodeStatus.ONLINE:
+            continue
+        found = latest
+        if host is not None and host in (node.node_id, node.hostname):
+            break
+    if found is None:
+        return {}
+    prefix = f"vm.{vm}."
+    out = {f: found[prefix + f] for f in VM_FIELDS if prefix + f in found}
+    out["cpu.percent"] = out["cpu_percent"]
+    return out
 
 
 class GroupError(Exception):
@@ -318,6 +365,7 @@ class AutoscaleService:
     def _observe(
         self, spec: GroupSpec, state: GroupState, provider: Provider
     ) -> tuple[dict[str, Observation], dict[str, InstanceInfo]]:
+        now = self._clock()
         ids = [i.id for i in state.instances]
         described = provider.describe(ids) if ids else {}
         obs: dict[str, Observation] = {}
@@ -333,9 +381,16 @@ class AutoscaleService:
                 )
             updated.append(inst)
             node = self._model.get(inst.node_id) if inst.node_id else None
+            if node is not None:
+                values = dict(node.latest)
+            elif inst.node_id is None:
+                values = vm_values(self._model, inst.id, inst.host, now)
+            else:
+                values = {}
             obs[inst.id] = Observation(
                 state=info.state if info is not None else None,
-                values=dict(node.latest) if node is not None else {},
+                values=values,
+                # Only an instance's own agent counts for health; a host reporting it is not its agent.
                 last_report=node.last_seen if node is not None else None,
             )
         state.instances = updated

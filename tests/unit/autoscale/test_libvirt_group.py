@@ -20,10 +20,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
-from cloudmon.autoscale.model import GroupSpec, LaunchTemplate, ScheduledAction
-from cloudmon.autoscale.service import AutoscaleService
+from cloudmon.autoscale.model import (
+    Alarm,
+    GroupSpec,
+    LaunchTemplate,
+    ScheduledAction,
+    Step,
+    StepScalingPolicy,
+)
+from cloudmon.autoscale.service import AutoscaleService, vm_values
 from cloudmon.control.arbiter import Arbiter
 from cloudmon.model.cluster import ClusterModel
 from cloudmon.providers import open_provider
@@ -95,7 +103,8 @@ class Rig:
         self.store = store
         self.arbiter = Arbiter(self.clock)
         self.built: dict[str, Provider] = {}
-        self.svc = AutoscaleService(store, ClusterModel(), self.provider_for, None, self.arbiter, self.clock)
+        self.model = ClusterModel()
+        self.svc = AutoscaleService(store, self.model, self.provider_for, None, self.arbiter, self.clock)
 
     def provider_for(self, template: LaunchTemplate) -> Provider:
         # As the control plane does: the registry builds it from the template's
@@ -287,3 +296,68 @@ def test_a_forced_delete_removes_every_vm_and_then_the_group(rig: Rig) -> None:
     assert rig.domains() == {"host-a": {}, "host-b": {"busy-1": "running"}}
     assert rig.svc.group("web") is None
     assert rig.svc.group_state("web") is None
+
+
+def test_a_step_policy_scales_out_on_the_vm_cpu_that_its_host_agent_reports(rig: Rig) -> None:
+    # A libvirt VM has no agent of its own here: the host's agent reports it as
+    # vm.<name>.* (cloudmon_agent.collectors.vms), the way a hypervisor measures
+    # an EC2 instance's CPUUtilization.  Fed into the model as that agent would.
+    def report(host: str, vms: dict[str, float]) -> None:
+        values = {"cpu.percent": 20.0}
+        for name, cpu in vms.items():
+            values |= {f"vm.{name}.cpu_percent": cpu, f"vm.{name}.host_cpu_percent": cpu / 8}
+        rig.model.update(host, host, rig.clock.t, 1.0, values, {}, now=rig.clock.t)
+
+    hot = StepScalingPolicy(
+        name="hot",
+        alarm=Alarm(threshold=80.0, duration_s=60.0),
+        steps=[Step(lower=0.0, adjustment=1)],
+        cooldown_s=120.0,
+    )
+    rig.svc.put_group(msgspec.structs.replace(rig.spec(desired=1), policies=[hot], scheduled=[]))
+    assert kinds(rig.tick()) == ["autoscale.no_action", "autoscale.launch"]  # no data yet
+    assert kinds(rig.tick()) == ["autoscale.in_service"]
+    report("host-a", {"web-0001": 95.0})
+    events = rig.tick()
+    assert [str(e["reason"]) for e in of_kind(events, "autoscale.no_action")] == [
+        "average cpu.percent 95.0 > 80.0 for 0 s of the 60 s the alarm needs"
+    ]
+    for _ in range(120):
+        rig.clock.t += 1.0
+        report("host-a", {"web-0001": 95.0})
+        events = rig.svc.tick()
+        if "autoscale.scale_out" in kinds(events):
+            break
+    assert kinds(events) == ["autoscale.scale_out", "autoscale.launch"]
+    assert events[0]["numbers"]["value"] == 95.0  # type: ignore[index]
+    assert events[0]["numbers"]["held_s"] == 60.0  # type: ignore[index]
+    assert (events[1]["instance"], events[1]["host"]) == ("web-0002", "host-b")
+    assert rig.domains()["host-b"] == {"busy-1": "running", "web-0002": "running"}
+    # The other host's agent reports the new VM; the average is under the threshold.
+    rig.clock.t += 1.0
+    report("host-a", {"web-0001": 50.0})
+    report("host-b", {"web-0002": 40.0})
+    events = rig.svc.tick()
+    assert kinds(events) == ["autoscale.in_service", "autoscale.no_action"]
+    assert str(events[1]["reason"]) == "alarm hot is OK: average cpu.percent 45.0"
+
+
+def test_vm_values_prefer_the_named_host_follow_a_migration_and_skip_stale_hosts() -> None:
+    model = ClusterModel(node_timeout=5.0)
+    model.update(
+        "n-a", "host-a", 100.0, 1.0, {"vm.web-1.cpu_percent": 70.0, "vm.web-1.mem_rss": 5.0}, {}, now=100.0
+    )
+    model.update("n-b", "host-b", 100.0, 1.0, {"vm.web-1.cpu_percent": 30.0}, {}, now=100.0)
+    # By hostname or node id; the named host wins over another that also reports it.
+    assert vm_values(model, "web-1", "host-b", 101.0) == {"cpu_percent": 30.0, "cpu.percent": 30.0}
+    assert vm_values(model, "web-1", "n-a", 101.0) == {
+        "cpu_percent": 70.0,
+        "mem_rss": 5.0,
+        "cpu.percent": 70.0,
+    }
+    # Moved away from its recorded host: found where it runs now.
+    model.update("n-b", "host-b", 102.0, 1.0, {"cpu.percent": 1.0}, {}, now=102.0)
+    assert vm_values(model, "web-1", "host-b", 103.0)["cpu.percent"] == 70.0
+    # host-a's agent went silent: its last values are stale, not the VM's.
+    assert vm_values(model, "web-1", "host-a", 106.0) == {}
+    assert vm_values(model, "web-2", None, 101.0) == {}
