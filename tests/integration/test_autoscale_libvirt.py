@@ -7,7 +7,8 @@ from its launch template through the provider registry, the real
 arbiter.  The VM is a copy-on-write qcow2 overlay on the test guest's disk,
 defined from a template domain XML (the lab's own bootable TCG guest), and the
 test waits until its init answers on the serial console: a VM that boots, not
-only a QEMU process.  The service's clock is controlled by the test, so the drain
+only a QEMU process.  The host's agent's own VM collector measures the
+guest burning CPU, and the group's step policy sees that figure.  The service's clock is controlled by the test, so the drain
 hook's timeout passes without waiting; libvirt, QEMU and the guest run in real time.
 """
 
@@ -18,23 +19,30 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
+import msgspec
 import pytest
 
-from cloudmon.autoscale.model import GroupSpec, LaunchTemplate
+from cloudmon.autoscale.model import Alarm, GroupSpec, LaunchTemplate, Step, StepScalingPolicy
 from cloudmon.autoscale.service import AutoscaleService
 from cloudmon.control.arbiter import Arbiter
 from cloudmon.model.cluster import ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import InstanceState, Provider
 from cloudmon.store import open_store
+from cloudmon_agent.schema import flatten
 from tests.integration import vmhost
+from tests.integration.poster import make_report
 
 pytestmark = [pytest.mark.qemu, pytest.mark.integration]
 
 libvirt = pytest.importorskip("libvirt")
 
+from cloudmon_agent.collectors.vms import VmCollector  # noqa: E402
+
 T0 = datetime(2024, 1, 1, 12, 0, tzinfo=UTC).timestamp()
 DRAIN_S = 5.0
+#: A guest burning its one vCPU is above this even on a busy 2-core machine (TCG).
+BUSY = 20.0
 #: The group's first instance (instance names are ``<group>-<seq>``).
 VM = "web-0001"
 
@@ -105,7 +113,8 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
                 built.append(open_provider(t.provider, dict(t.params)))
             return built[0]
 
-        svc = AutoscaleService(store, ClusterModel(), provider_for, None, Arbiter(clock), clock)
+        model = ClusterModel()
+        svc = AutoscaleService(store, model, provider_for, None, Arbiter(clock), clock)
         events: list[dict[str, object]] = []
 
         def tick_until(cond: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
@@ -144,6 +153,14 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
                 health_check_grace_s=120.0,
                 default_warmup_s=0.0,
                 drain_timeout_s=DRAIN_S,
+                # Never held long enough to act: it shows what the policy measures.
+                policies=[
+                    StepScalingPolicy(
+                        name="busy",
+                        alarm=Alarm(threshold=BUSY, duration_s=3600.0),
+                        steps=[Step(lower=0.0, adjustment=1)],
+                    )
+                ],
             )
 
         def instance_state() -> str | None:
@@ -153,7 +170,7 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
 
         svc.put_group(spec(desired=0))
         clock.t += 1.0
-        assert svc.tick() == []
+        assert [e["kind"] for e in svc.tick()] == ["autoscale.no_action"]  # the policy: no data
         assert _domains(host) == {}
 
         # Scale out by one: a real VM, running in QEMU, booted far enough to answer.
@@ -167,8 +184,30 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
         try:
             guest.wait_ready(timeout=60.0)
             assert guest.console.boot_id
+            guest.console.command("cpu", "on")
         finally:
             guest.console.close()
+        # The host's agent measures it (its VM collector on the real libvirtd, its
+        # report flattened as the collector stores it) and the policy sees the figure.
+        collector = VmCollector(host.uri)
+        try:
+            cpu = 0.0
+            deadline = time.monotonic() + 20.0
+            while cpu <= BUSY:
+                assert time.monotonic() < deadline, f"the guest's CPU never went above {BUSY} %"
+                time.sleep(0.2)  # CPU time accumulates between two samples
+                vms = collector.collect()
+                cpu = next((v.cpu_percent for v in vms if v.name == VM), 0.0)
+        finally:
+            collector.close()
+        report = msgspec.structs.replace(make_report("h0", clock.t, 0), vms=vms)
+        model.update(report.node_id, report.node.hostname, clock.t, 1.0, flatten(report), {}, now=clock.t)
+        clock.t += 1.0
+        pending = [e for e in svc.tick() if e.get("code") == "alarm_pending"]
+        assert len(pending) == 1, pending
+        assert pending[0]["numbers"]["value"] == cpu  # type: ignore[index]
+        assert f"average cpu.percent {cpu:.1f} > {BUSY:.1f} for 0 s" in str(pending[0]["reason"])
+        events = [e for e in events if e["kind"] != "autoscale.no_action"]
         assert [str(e["kind"]) for e in events] == [
             "autoscale.capacity_set",
             "autoscale.launch",
@@ -183,6 +222,7 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
         svc.put_group(spec(desired=0))
         events.clear()
         tick_until(lambda: instance_state() is None, "the instance terminated", timeout=60.0)
+        events = [e for e in events if e["kind"] != "autoscale.no_action"]
         assert [str(e["kind"]) for e in events] == [
             "autoscale.capacity_set",
             "autoscale.drain",
@@ -201,12 +241,15 @@ def test_a_group_scales_out_by_one_real_vm_and_back(tmp_path: Path) -> None:
         # The activity history, oldest first; events of one tick share its time (and no order).
         by_time: dict[float, list[str]] = {}
         for e in svc.activity("web"):
+            if e["kind"] == "autoscale.no_action":
+                continue
             by_time.setdefault(float(e["ts"]), []).append(str(e["kind"]).removeprefix("autoscale."))  # type: ignore[arg-type]
         assert [sorted(by_time[t]) for t in sorted(by_time)] == [
             ["group_put"],
             ["group_put"],
             ["capacity_set", "launch"],
-            ["group_put", "in_service"],
+            ["in_service"],
+            ["group_put"],
             ["capacity_set", "drain"],
             ["terminate"],
         ]
