@@ -37,7 +37,7 @@ from typing import Any, Final, Literal
 import msgspec
 
 from cloudmon.autoscale.model import GroupSpec, LaunchTemplate, SpecError, TargetTrackingPolicy, spec_from_doc
-from cloudmon.autoscale.service import AutoscaleService
+from cloudmon.autoscale.service import AutoscaleService, vm_values
 from cloudmon.collector.commands import CommandQueue
 from cloudmon.control.arbiter import Arbiter
 from cloudmon.lb.base import DrainOutcome
@@ -347,23 +347,28 @@ class ControlPlane:
         instances: list[dict[str, Any]] = []
         desired = spec.desired
         metric: dict[str, Any] | None = None
+        latest: dict[str, Mapping[str, float]] = {}
         if state is not None:
             desired = state.desired
+            now = self._clock()
             for inst in state.instances:
                 d = msgspec.to_builtins(inst)
                 node = self._model.get(inst.node_id) if inst.node_id else None
-                if node is not None:
-                    d["cpu_percent"] = node.latest.get("cpu.percent")
+                # As the auto-scaler sees it: a VM without an agent of its own through its host's agent.
+                seen = node.latest if node is not None else {}
+                if inst.node_id is None:
+                    seen = vm_values(self._model, inst.id, inst.host, now)
+                if node is not None or seen:
+                    d["cpu_percent"] = seen.get("cpu.percent")
+                latest[inst.id] = seen
                 instances.append(d)
         target = next((p for p in spec.policies if isinstance(p, TargetTrackingPolicy)), None)
         name = target.metric if target is not None else next((p.metric for p in spec.policies), None)
         if name:
             values = [
-                node.latest[name]
+                latest[inst.id][name]
                 for inst in (state.instances if state is not None else [])
-                if inst.state == "in_service" and inst.node_id
-                for node in [self._model.get(inst.node_id)]
-                if node is not None and name in node.latest
+                if inst.state == "in_service" and name in latest[inst.id]
             ]
             metric = {
                 "name": name,

@@ -30,9 +30,12 @@ from cloudmon.autoscale.model import (
     ScheduledAction,
     Step,
     StepScalingPolicy,
+    TargetTrackingPolicy,
 )
 from cloudmon.autoscale.service import AutoscaleService, vm_values
+from cloudmon.collector.commands import CommandQueue
 from cloudmon.control.arbiter import Arbiter
+from cloudmon.control.plane import ControlPlane
 from cloudmon.model.cluster import ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import InstanceState, Provider
@@ -361,3 +364,43 @@ def test_vm_values_prefer_the_named_host_follow_a_migration_and_skip_stale_hosts
     # host-a's agent went silent: its last values are stale, not the VM's.
     assert vm_values(model, "web-1", "host-a", 106.0) == {}
     assert vm_values(model, "web-2", None, 101.0) == {}
+
+
+def test_the_control_plane_builds_the_provider_from_the_template_and_shows_the_vms_cpu(
+    rig: Rig, tmp_path: Path
+) -> None:
+    # The control plane's own provider factory (template.params -> the registry) and
+    # its group view; the host agent reports the VM as vm.<name>.* as above.
+    store = open_store("sqlite:///" + str(tmp_path / "plane.db"))
+    model = ClusterModel()
+    plane = ControlPlane(store, model, CommandQueue(rig.clock), clock=rig.clock, balance_every_s=1e9)
+    try:
+        cpu50 = TargetTrackingPolicy(name="cpu50", target=50.0)
+        spec = msgspec.structs.replace(rig.spec(desired=1), policies=[cpu50], scheduled=[])
+        plane.autoscale.put_group(spec)
+        rig.clock.t += 1.0
+        plane.tick()
+        rig.clock.t += 1.0
+        plane.tick()
+        model.update(
+            "host-a", "host-a", rig.clock.t, 1.0, {"vm.web-0001.cpu_percent": 90.0}, {}, now=rig.clock.t
+        )
+        (view,) = plane.groups_view()
+        assert [(i["id"], i["state"], i["cpu_percent"]) for i in view["instances"]] == [
+            ("web-0001", "in_service", 90.0)
+        ]
+        assert view["metric"] == {"name": "cpu.percent", "value": 90.0, "target": 50.0}
+        rig.clock.t += 1.0
+        plane.tick()
+        last_tick = {str(e["kind"]): e for e in plane.group_activity("web", 10) if e["ts"] == rig.clock.t}
+        assert sorted(last_tick) == ["autoscale.launch", "autoscale.scale_out"]
+        assert last_tick["autoscale.scale_out"]["numbers"]["to"] == 2  # type: ignore[index]
+        (view,) = plane.groups_view()
+        assert view["desired"] == 2  # ceil(1 * 90 / 50)
+        assert [(i["id"], i["host"]) for i in view["instances"]] == [
+            ("web-0001", "host-a"),
+            ("web-0002", "host-b"),
+        ]
+    finally:
+        plane.close()
+        store.close()
