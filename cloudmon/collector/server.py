@@ -118,6 +118,11 @@ def _node_info(report: Report) -> dict[str, object]:
     info: dict[str, object] = {"os": n.os, "cpu_count": n.cpu_count, "agent_version": n.agent_version}
     if n.migrate_uri:
         info["migrate_uri"] = n.migrate_uri
+    stopped = {vm.name: vm.state for vm in report.vms if vm.state not in ("running", "blocked")}
+    if stopped:
+        # Flattened values carry no VM state: the planner needs it to leave out stopped
+        # VMs and a live migration's paused copy (cloudmon.rebalance.live).
+        info["vms_not_running"] = stopped
     return info
 
 

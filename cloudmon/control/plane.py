@@ -712,6 +712,13 @@ class ControlPlane:
         with self._lock:
             if self._closed:
                 raise ControlError("the collector is shutting down")
+            # Checked again under the lock that starts it: two approvals at once (a
+            # double click, or the operator and automation) must not run two executors.
+            if record.status != "proposed" or self._execution.state == "running":
+                raise ControlError(
+                    f"plan {record.id} is {record.status} and plan {self._execution.plan_id} is "
+                    f"{self._execution.state}; approve a proposed plan when no other one runs"
+                )
             record.status = "running"
             record.message = f"approved by {by}"
             self._execution = Execution(plan_id=record.id, state="running", moves_total=len(moves))
@@ -742,6 +749,15 @@ class ControlPlane:
                 self._execution.current = None
                 self._executor = None
 
+        # Who decided to run it is a decision of its own in the event log.
+        self._append_event(
+            {
+                "kind": "rebalance.plan_approved",
+                "plan_id": record.id,
+                "reason": f"plan {record.id} approved by {by}: {len(moves)} move(s) start now",
+                "numbers": {"moves": len(moves)},
+            }
+        )
         self._exec_thread = threading.Thread(target=run, name=f"cloudmon-plan-{record.id}")
         self._exec_thread.start()
 
@@ -749,6 +765,8 @@ class ControlPlane:
         kind = str(event.get("kind", ""))
         with self._lock:
             ex = self._execution
+            # The executor knows moves, not plans: tie its events to the plan in the log.
+            event.setdefault("plan_id", ex.plan_id)
             if kind == "rebalance.move_started":
                 ex.current = {
                     "vm": event.get("vm"),

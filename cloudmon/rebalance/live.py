@@ -14,13 +14,23 @@ settings are store documents:
 * kind ``"host_maintenance"``, key = host (node id): ``{"maintenance": true}``
   (a document with ``false`` is ignored);
 * kind ``"vm"``, key = VM name: any of ``pinned``, ``gpus``, ``dirty_rate_mibps``.
+
+VMs that are not running (the collector lists them per node in
+``info["vms_not_running"]``: shut off, crashed ...) hold nothing and cannot be
+live-migrated: they are left out.  A VM that two hosts report at once (a live
+migration in flight: paused on the destination, running on the source, or one
+report older than the migration's end) is placed where it runs; when that is
+not clear (two hosts run a VM of that name) it is left out of this snapshot
+with a warning, instead of failing the whole snapshot.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from typing import Final
 
 import msgspec
 
@@ -39,6 +49,8 @@ from cloudmon.store.base import TelemetryStore
 log = logging.getLogger(__name__)
 
 _MIB = 1024.0 * 1024.0
+#: States of a VM that holds its host's resources and can be live-migrated.
+_PLACED_STATES: Final = frozenset({"running", "blocked", "paused"})
 
 
 class VmSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,6 +108,34 @@ def _vm_names(latest: Mapping[str, float]) -> list[str]:
     return sorted(names)
 
 
+def _not_running(info: Mapping[str, object]) -> dict[str, str]:
+    """``info["vms_not_running"]`` (VM name -> libvirt state) as the collector keeps it."""
+    raw = info.get("vms_not_running")
+    if not isinstance(raw, dict):
+        return {}
+    return {k: v for k, v in raw.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+def _one_place_each(placed: Mapping[str, list[tuple[VM, str]]]) -> list[VM]:
+    """Each VM once: where it runs when several hosts report it (see the module docs)."""
+    out: list[VM] = []
+    for name, seen in placed.items():
+        if len(seen) == 1:
+            out.append(seen[0][0])
+            continue
+        running = [vm for vm, state in seen if state != "paused"]
+        if len(running) == 1:
+            out.append(running[0])
+            continue
+        log.warning(
+            "planner snapshot leaves out VM %s: hosts %s all report it (a migration in flight, or two "
+            "VMs of one name: give them unique names)",
+            name,
+            ", ".join(f"{vm.host} ({state})" for vm, state in seen),
+        )
+    return out
+
+
 def _is_vm_host(
     node_id: str, hostname: str, info: Mapping[str, object], latest: Mapping[str, float], guests: set[str]
 ) -> bool:
@@ -130,7 +170,7 @@ def snapshot_from_live(
     maintenance = load_maintenance(store)
     vm_settings = load_vm_settings(store)
     hosts: list[Host] = []
-    vms: list[VM] = []
+    placed: dict[str, list[tuple[VM, str]]] = defaultdict(list)
     online = [
         n
         for n in sorted(model.nodes(), key=lambda n: n.node_id)
@@ -152,7 +192,8 @@ def snapshot_from_live(
         if cores <= 0 or mem_mib <= 0:
             log.warning("planner snapshot leaves out node %s: cpu_count or mem.total unknown", node.node_id)
             continue
-        names = _vm_names(latest)
+        stopped = _not_running(node.info)
+        names = [n for n in _vm_names(latest) if stopped.get(n, "running") in _PLACED_STATES]
         metrics = [f"vm.{n}.host_cpu_percent" for n in names]
         demand: dict[str, float] = {}
         if metrics:
@@ -178,17 +219,17 @@ def snapshot_from_live(
         )
         for n in names:
             extra = vm_settings.get(n, VmSettings())
-            vms.append(
-                VM(
-                    name=n,
-                    host=node.node_id,
-                    cpu_demand_cores=round(demand.get(n, 0.0), 4),
-                    memory_mib=latest.get(f"vm.{n}.mem_max", 0.0) / _MIB,
-                    gpus=extra.gpus,
-                    pinned=extra.pinned,
-                    dirty_rate_mibps=extra.dirty_rate_mibps,
-                )
+            vm = VM(
+                name=n,
+                host=node.node_id,
+                cpu_demand_cores=round(demand.get(n, 0.0), 4),
+                memory_mib=latest.get(f"vm.{n}.mem_max", 0.0) / _MIB,
+                gpus=extra.gpus,
+                pinned=extra.pinned,
+                dirty_rate_mibps=extra.dirty_rate_mibps,
             )
+            placed[n].append((vm, stopped.get(n, "running")))
+    vms = _one_place_each(placed)
     host_names = {h.name for h in hosts}
     vm_names = {v.name for v in vms}
     rules: list[Rule] = []
