@@ -430,7 +430,9 @@ class ControlPlane:
             self.lb = LoadBalancerService(groups, on_event=self._append_event) if groups else None
             self._lb_key = key
         if self.lb is not None:
-            self.lb.step(self._cpu_by_instance())
+            # step() returns its decisions (lb.weights, lb.error); only drains log by themselves.
+            for event in self.lb.step(self._cpu_by_instance()):
+                self._append_event(event)
 
     def _cpu_by_instance(self) -> dict[str, float | None]:
         """CPU % per instance id: a node's own ``cpu.percent`` and each VM's ``vm.<name>.cpu_percent``."""
