@@ -41,6 +41,9 @@ class Grant:
     ok: bool
     reason: str
     numbers: dict[str, float] = field(default_factory=dict)
+    #: Why it was refused: ``claimed`` (another loop is changing it), ``hold`` (it changed
+    #: too recently), ``budget`` (the shared budget is spent); empty when granted.
+    code: str = ""
 
     def __bool__(self) -> bool:
         return self.ok
@@ -108,33 +111,10 @@ class Arbiter:
         """
         with self._lock:
             now = self._clock()
-            self._prune(now)
-            owner = self._claims.get(subject)
-            if owner is not None and owner != loop:
-                return Grant(False, f"{subject} is being changed by {owner}")
-            last = self._last.get(subject)
-            if not mandatory and last is not None:
-                age = now - last.ts
-                if age < self.hold_s and target is not None and target == last.source:
-                    return Grant(
-                        False,
-                        f"{subject} moved from {last.source} {age:.0f} s ago; moving it back is held "
-                        f"for {self.hold_s:.0f} s",
-                        {"age_s": age, "hold_s": self.hold_s},
-                    )
-                if age < self.hold_s and last.loop != loop:
-                    return Grant(
-                        False,
-                        f"{subject} was changed by {last.loop} {age:.0f} s ago; held for {self.hold_s:.0f} s",
-                        {"age_s": age, "hold_s": self.hold_s},
-                    )
+            refused = self._refusal(now, loop, subject, target, mandatory)
+            if refused is not None:
+                return refused
             used = len(self._recent)
-            if not mandatory and used >= self.budget:
-                return Grant(
-                    False,
-                    f"change budget spent: {used} of {self.budget} changes in the last {self.window_s:.0f} s",
-                    {"used": used, "budget": self.budget, "window_s": self.window_s},
-                )
             change = _Change(now, loop, subject, source, target)
             self._recent.append(change)
             self._last[subject] = change
@@ -144,6 +124,58 @@ class Arbiter:
                 "mandatory" if mandatory else "within budget",
                 {"used": used + 1, "budget": self.budget},
             )
+
+    def check(
+        self,
+        loop: str,
+        subject: str,
+        *,
+        source: str | None = None,
+        target: str | None = None,
+        mandatory: bool = False,
+    ) -> Grant:
+        """What :meth:`request` would answer now, without counting or claiming anything.
+
+        Planners use it to leave out changes that would be refused (and say why)."""
+        with self._lock:
+            now = self._clock()
+            refused = self._refusal(now, loop, subject, target, mandatory)
+            return refused if refused is not None else Grant(True, "would be granted")
+
+    def _refusal(
+        self, now: float, loop: str, subject: str, target: str | None, mandatory: bool
+    ) -> Grant | None:
+        self._prune(now)
+        owner = self._claims.get(subject)
+        if owner is not None and owner != loop:
+            return Grant(False, f"{subject} is being changed by {owner}", code="claimed")
+        last = self._last.get(subject)
+        if not mandatory and last is not None:
+            age = now - last.ts
+            if age < self.hold_s and target is not None and target == last.source:
+                return Grant(
+                    False,
+                    f"{subject} moved from {last.source} {age:.0f} s ago; moving it back is held "
+                    f"for {self.hold_s:.0f} s",
+                    {"age_s": age, "hold_s": self.hold_s},
+                    code="hold",
+                )
+            if age < self.hold_s and last.loop != loop:
+                return Grant(
+                    False,
+                    f"{subject} was changed by {last.loop} {age:.0f} s ago; held for {self.hold_s:.0f} s",
+                    {"age_s": age, "hold_s": self.hold_s},
+                    code="hold",
+                )
+        used = len(self._recent)
+        if not mandatory and used >= self.budget:
+            return Grant(
+                False,
+                f"change budget spent: {used} of {self.budget} changes in the last {self.window_s:.0f} s",
+                {"used": used, "budget": self.budget, "window_s": self.window_s},
+                code="budget",
+            )
+        return None
 
     def release(self, loop: str, subject: str) -> None:
         """End ``loop``'s claim on ``subject`` (the change finished or failed)."""

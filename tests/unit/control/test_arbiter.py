@@ -110,3 +110,20 @@ def test_concurrent_requests_never_exceed_the_budget() -> None:
     for t in threads:
         t.join()
     assert sum(granted) == 7
+
+
+def test_check_answers_like_request_but_changes_nothing() -> None:
+    clock = Clock()
+    arb = Arbiter(clock, budget=2, window_s=60, hold_s=600)
+    assert arb.request("rebalance", "vm-1", source="a", target="b")
+    arb.release("rebalance", "vm-1")
+    back = arb.check("rebalance", "vm-1", source="b", target="a")
+    assert (back.ok, back.code) == (False, "hold")
+    assert arb.check("rebalance", "vm-1", source="b", target="a", mandatory=True).ok
+    assert arb.check("rebalance", "vm-2").ok
+    assert arb.used() == 1
+    assert arb.claimed("vm-2") is None
+    assert arb.request("autoscale", "i-1")
+    assert arb.check("rebalance", "vm-2").code == "budget"
+    assert arb.check("autoscale", "i-1").code == "budget"  # the owner too: the budget is shared
+    assert arb.check("rebalance", "i-1").code == "claimed"
