@@ -30,7 +30,13 @@ not moved.
 **Solvers.**  ``exact`` is OR-Tools CP-SAT (``pip install cloudmon[planner]``) on
 the same objective, seeded with the heuristic's answer; ``heuristic`` is
 greedy best-improvement (every unit × every host on small clusters, only the
-most/least loaded hosts on big ones) followed by a pairwise-swap pass.
+most/least loaded hosts on big ones) followed by a pairwise-swap pass; on
+small clusters also an iterated local search and a beam search with greedy
+rollouts over move sequences (:mod:`cloudmon.rebalance._beam`, up to
+``_BEAM_MAX_PAIRS`` (unit, host) pairs), the best of them by the objective.
+The beam search finds *chains*: a move that frees room (and may lose on its
+own) followed by the moves it makes possible.  Such a chain is judged as one
+step: together its moves must improve ``n·σ²`` by ``MIN_GAIN`` per move.
 ``auto`` takes ``exact`` when OR-Tools is installed and the cluster has at most
 ``exact_max_pairs`` (VM, host) pairs, and says in ``Plan.notes`` when it fell back.
 
@@ -83,6 +89,11 @@ _FAST_TARGETS: Final = 24
 _FAST_FEASIBLE: Final = 3
 # The swap pass is quadratic in units: only on clusters this small.
 _SWAP_MAX_UNITS: Final = 400
+# The beam search (greedy rollouts from every state it keeps) only on clusters this small.
+_BEAM_MAX_PAIRS: Final = 2_000
+_BEAM_WIDTH: Final = 8
+# Moves the beam search may score (≈ 1-2 µs each): bounds its time on long move budgets.
+_BEAM_WORK: Final = 300_000
 
 Why = Literal["capacity", "rule", "too_small_gain", "pinned", "budget", "cost", "maintenance"]
 
@@ -1180,6 +1191,10 @@ def plan(
         p.balance()
         if s.threshold > 1 and len(st.units) * st.n <= _EXHAUSTIVE_PAIRS:
             p = _improved(p, snapshot, s)
+        if s.threshold > 1 and len(st.units) * st.n <= _BEAM_MAX_PAIRS:
+            b = _beam_planned(snapshot, s)
+            if _objective(b) < _objective(p) - 1e-12:
+                p = b
     else:
         p.consolidate()
     if solver == "exact":
@@ -1268,6 +1283,21 @@ def _improved(p: _Planner, snapshot: ClusterSnapshot, s: PlanSettings) -> _Plann
     if len(q.recs) <= s.max_moves and _objective(q) < _objective(greedy) - 1e-12:
         return q
     return greedy
+
+
+def _beam_planned(snapshot: ClusterSnapshot, s: PlanSettings) -> _Planner:
+    """Mandatory moves, then the best sequence the beam search finds (see :mod:`._beam`)."""
+    from cloudmon.rebalance import _beam
+
+    q = _Planner(snapshot, s)
+    q.mandatory()
+    if q.st.n < 2:
+        return q
+    result = _beam.search(q, width=_BEAM_WIDTH, max_work=_BEAM_WORK)
+    for ui, t in result.steps:
+        q.do_unit(ui, t, False, q._why_balance())
+    q._explain("budget" if q.budget_left() <= 0 else "gain")
+    return q
 
 
 def _objective(p: _Planner) -> float:
