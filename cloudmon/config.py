@@ -71,6 +71,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     control: bool = True
     #: Seconds between two rounds of the control loops.
     control_tick_s: float = 2.0
+    #: Seconds between two measurements of the cluster's imbalance (the Balance page's chart).
+    balance_every_s: float = 10.0
+    #: Seconds between two rebalancing recommendations (run by themselves under
+    #: partial/full automation).
+    plan_every_s: float = 60.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -83,6 +88,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ConfigError(f"queue={self.queue!r} must be a Redis URL (redis://HOST:PORT/DB) or empty")
         if not 0.1 <= self.control_tick_s <= 3600:
             raise ConfigError("control_tick_s must be 0.1..3600 seconds")
+        if not 0.1 <= self.balance_every_s <= 3600 or not 1 <= self.plan_every_s <= 86400:
+            raise ConfigError("balance_every_s must be 0.1..3600 and plan_every_s 1..86400 seconds")
         if self.queue_claim_timeout <= 0:
             raise ConfigError("queue_claim_timeout must be > 0 seconds")
         if self.queue_max_entries < 1:

@@ -279,6 +279,8 @@ class Collector:
                 self.commands,
                 clock=self._clock,
                 tick_s=self._config.control_tick_s,
+                balance_every_s=self._config.balance_every_s,
+                plan_every_s=self._config.plan_every_s,
                 providers=self._providers,
             )
             self.control.start()

@@ -36,6 +36,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
+from cloudmon.actions.migration import LOOP as LOOP_REBALANCE
 from cloudmon.autoscale.model import GroupSpec, LaunchTemplate, SpecError, TargetTrackingPolicy, spec_from_doc
 from cloudmon.autoscale.service import AutoscaleService, vm_values
 from cloudmon.collector.commands import CommandQueue
@@ -47,7 +48,7 @@ from cloudmon.lb.service import LoadBalancerService, ServiceGroup, load_groups, 
 from cloudmon.model.cluster import ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import Provider, ProviderError
-from cloudmon.rebalance.planner import Plan, PlanSettings, imbalance, plan
+from cloudmon.rebalance.planner import Plan, PlanSettings, Rejected, imbalance, plan
 from cloudmon.rebalance.snapshot import ClusterSnapshot, Rule, SnapshotError
 from cloudmon.store.base import StoreError, TelemetryStore
 
@@ -580,6 +581,8 @@ class ControlPlane:
         settings = self.settings()
         snap = self._snapshot(settings)
         if not snap.hosts:
+            # Nothing reports VMs yet (a collector just started): look again next round.
+            self._last_balance = -1e18
             return
         sigma = imbalance(snap, self._planner_settings(settings))
         with self._lock:
@@ -609,8 +612,31 @@ class ControlPlane:
         if record.plan.moves and auto:
             self._start_execution(record, by=f"automation {settings.automation}")
 
+    def _plan_around_holds(self, snap: ClusterSnapshot, settings: PlanSettings) -> Plan:
+        """Plan, leaving out balancing moves the arbiter would refuse (a VM just moved, or one
+        another loop is changing): those VMs stay put and are listed as rejected, with why.
+
+        Mandatory moves are never left out: a rule or maintenance overrides a hold.
+        """
+        result = plan(snap, settings)
+        held: dict[str, str] = {}
+        for m in result.moves:
+            if m.mandatory:
+                continue
+            grant = self.arbiter.check(LOOP_REBALANCE, m.vm, source=m.source, target=m.target)
+            if grant.code in ("hold", "claimed"):
+                held[m.vm] = grant.reason
+        if not held:
+            return result
+        pinned = [msgspec.structs.replace(v, pinned=True) if v.name in held else v for v in snap.vms]
+        again = plan(msgspec.structs.replace(snap, vms=pinned), settings)
+        rejected = [Rejected(vm=vm, target=None, why="hold", detail=why) for vm, why in sorted(held.items())]
+        # The re-plan lists the held VMs as "pinned": the hold says why.
+        rest = [r for r in again.rejected if not (r.vm in held and r.why == "pinned")]
+        return msgspec.structs.replace(again, rejected=rejected + rest)
+
     def _new_plan(self, snap: ClusterSnapshot, settings: BalanceSettings, now: float) -> PlanRecord:
-        result = plan(snap, self._planner_settings(settings))
+        result = self._plan_around_holds(snap, self._planner_settings(settings))
         record = PlanRecord(id=uuid.uuid4().hex[:12], created=now, plan=result, settings=settings)
         with self._lock:
             old = self._current

@@ -319,22 +319,24 @@ def test_maintenance_plan_approved_in_the_api_live_migrates_the_guest_and_the_ar
     assert (done["vm"], done["source"], done["target"], done["mandatory"]) == (GUEST, src, dst, True)
     assert done["seconds"] > 0
 
-    # Back out of maintenance; a soft rule asks for the guest on src again.  The planner
-    # proposes the (non-mandatory) move, but the arbiter holds a VM that just moved from
-    # going back: the approved plan stops at that move and says why.
+    # Back out of maintenance; a soft rule asks for the guest on src again.  The arbiter
+    # holds a VM that just moved from going back, and the planner knows it: the plan
+    # leaves the guest where it is and says why (nothing to approve, nothing fails).
     api._json("PUT", f"/api/v1/hosts/{src}/maintenance", {"maintenance": False})
     api._json("PUT", "/api/v1/rules/back", {"kind": "should_run_on", "vms": [GUEST], "hosts": [src]})
-    back = _plan_with_move(env, {"threshold": 5}, dst, src)
-    assert back["moves"][0]["mandatory"] is False
-    api.approve_plan(back["id"])
-    ex = env.wait_execution(back["id"])
-    assert ex["state"] == "failed", ex
-    assert "arbiter refused" in ex["message"], ex["message"]
-    assert "moving it back is held" in ex["message"], ex["message"]
+    def guest_considered() -> dict[str, Any] | None:
+        # Right after a migration both hosts may still report the guest for a sample:
+        # the snapshot leaves it out until one does.
+        p: dict[str, Any] = api.compute_plan({"threshold": 5})["plan"]
+        seen = {m["vm"] for m in p["moves"]} | {r["vm"] for r in p["rejected"]}
+        return p if GUEST in seen else None
+
+    held_plan = _wait(guest_considered, 30, f"a plan that considers {GUEST}", env)
+    assert GUEST not in {m["vm"] for m in held_plan["moves"]}, held_plan
+    (held,) = [r for r in held_plan["rejected"] if r["vm"] == GUEST]
+    assert held["why"] == "hold"
+    assert "moving it back is held" in held["detail"]
     assert env.where() == dst
-    failed = [e for e in env.events() if e["kind"] == "rebalance.move_failed"][-1]
-    assert failed["vm"] == GUEST
-    assert failed["hold_s"] > failed["age_s"] >= 0
 
     # A hard rule demands it: mandatory moves pass the hold.
     api._json("PUT", "/api/v1/rules/back", {"kind": "must_run_on", "vms": [GUEST], "hosts": [src]})

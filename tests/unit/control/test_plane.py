@@ -1,0 +1,77 @@
+"""The control plane's rebalancing decisions with plain data: holds, automation, settings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from cloudmon.collector.commands import CommandQueue
+from cloudmon.control.arbiter import Arbiter
+from cloudmon.control.plane import ControlError, ControlPlane
+from cloudmon.model.cluster import ClusterModel
+from cloudmon.rebalance.snapshot import VM, ClusterSnapshot, Host
+from cloudmon.store import TelemetryStore, open_store
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+SNAPSHOT = ClusterSnapshot(
+    ts=0.0,
+    hosts=[
+        Host(name="busy", cpu_cores=8, memory_mib=32768),
+        Host(name="idle", cpu_cores=8, memory_mib=32768),
+    ],
+    vms=[VM(name=f"vm{i}", host="busy", cpu_demand_cores=1.8, memory_mib=2048) for i in range(4)],
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[TelemetryStore]:
+    s = open_store(f"sqlite:///{tmp_path / 't.db'}")
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def plane(store: TelemetryStore) -> Iterator[ControlPlane]:
+    clock = Clock()
+    p = ControlPlane(
+        store,
+        ClusterModel(),
+        CommandQueue(clock),
+        clock=clock,
+        arbiter=Arbiter(clock, hold_s=600),
+        snapshot_source=lambda model, store, now, window: SNAPSHOT,
+    )
+    yield p
+    p.close()
+
+
+def test_a_vm_just_moved_is_not_planned_back_and_the_plan_says_why(plane: ControlPlane) -> None:
+    first = plane.compute_plan({"threshold": 5})
+    moved = {m["vm"] for m in first["moves"]}
+    assert moved, first
+    # vm0 came to "busy" from "idle" a minute ago (say, rebalanced the other way).
+    assert plane.arbiter.request("rebalance", "vm0", source="idle", target="busy")
+    plane.arbiter.release("rebalance", "vm0")
+    again = plane.compute_plan({})
+    assert "vm0" not in {m["vm"] for m in again["moves"]}
+    assert again["moves"], "the other VMs still balance the cluster"
+    (held,) = [r for r in again["rejected"] if r["vm"] == "vm0"]
+    assert held["why"] == "hold"
+    assert "moving it back is held" in held["detail"]
+
+
+def test_settings_are_checked_and_kept(plane: ControlPlane) -> None:
+    with pytest.raises(ControlError, match="automation"):
+        plane.put_settings({"automation": "sometimes"})
+    assert plane.put_settings({"automation": "partial", "threshold": 2}).automation == "partial"
+    assert plane.settings().threshold == 2
