@@ -297,6 +297,7 @@ class Agent:
         self._rejects_unlogged = 0
 
         self._started = False
+        self._sampling_done = False
         self._closed = False
         self._failed = False
         self._thread: threading.Thread | None = None
@@ -393,6 +394,8 @@ class Agent:
         finally:
             self._stop.set()
             with self._cond:
+                # The sender keeps what is left only after the last sample is handed over.
+                self._sampling_done = True
                 self._cond.notify_all()
             self._sender.join()
 
@@ -584,7 +587,9 @@ class Agent:
         # Nothing sampled is left behind in memory: deliver it if the collector is
         # up (one short try), else keep it in the spool for the next start.
         with self._cond:
-            while self._busy:  # the sampling thread's own post: it may hand its report over
+            # Wait for the sampling thread to finish its last cycle (it may be between
+            # sampling and handing the report over) and for its own post, if any.
+            while self._busy or not self._sampling_done:
                 self._cond.wait(0.1)
             fresh = list(self._pending)
             self._pending.clear()
