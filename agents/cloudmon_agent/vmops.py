@@ -34,21 +34,13 @@ from typing import Any, Final
 
 import msgspec
 
+# virDomainState numbers -> names, as the agent's VM collector reports them.
+from cloudmon_agent.collectors.vms import STATES
+
 #: XML namespace of the metadata cloudmon writes into the domains it creates.
 METADATA_NS: Final = "https://cloudmon.dev/xmlns/instance/1"
 _METADATA_KEY: Final = "cm"
 
-#: virDomainState numbers -> names (as the agent's VM collector reports them).
-STATES: Final = {
-    0: "nostate",
-    1: "running",
-    2: "blocked",
-    3: "paused",
-    4: "shutdown",
-    5: "shutoff",
-    6: "crashed",
-    7: "pmsuspended",
-}
 MISSING: Final = "missing"
 _ACTIVE_STATES: Final = frozenset({"running", "blocked", "paused", "shutdown", "pmsuspended"})
 _QEMU_IMG_TIMEOUT_S: Final = 60.0

@@ -26,7 +26,6 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QButtonGroup,
     QComboBox,
     QFormLayout,
@@ -39,14 +38,12 @@ from PySide6.QtWidgets import (
     QSlider,
     QSplitter,
     QStackedWidget,
-    QTableWidget,
-    QTableWidgetItem,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from cloudmon.ui.polling import PAGE_STYLE, PollingPage, as_float, clock_time, number
+from cloudmon.ui.polling import PAGE_STYLE, PollingPage, as_float, clock_time, make_item, make_table, number
 from cloudmon.ui.workers import Reply
 
 logger = logging.getLogger(__name__)
@@ -179,35 +176,6 @@ class HostBars:
         self.plot.getAxis("bottom").setTicks([ticks, []])
         self.plot.setXRange(-0.6, max(len(hosts) - 0.4, 0.6), padding=0)
         self.plot.setTitle(title, size="9pt", justify="left")
-
-
-def _table(parent: QWidget, headers: list[str], name: str) -> QTableWidget:
-    t = QTableWidget(0, len(headers), parent)
-    t.setObjectName(name)
-    t.setHorizontalHeaderLabels(headers)
-    t.verticalHeader().setVisible(False)
-    t.verticalHeader().setDefaultSectionSize(26)
-    t.setShowGrid(False)
-    t.setAlternatingRowColors(True)
-    t.setWordWrap(False)
-    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-    t.horizontalHeader().setHighlightSections(False)
-    t.horizontalHeader().setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
-    return t
-
-
-def _item(
-    text: str, tooltip: str | None = None, colour: str | None = None, right: bool = False
-) -> QTableWidgetItem:
-    item = QTableWidgetItem(text)
-    if tooltip:
-        item.setToolTip(tooltip)
-    if colour:
-        item.setForeground(QColor(colour))
-    if right:
-        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-    return item
 
 
 def _card(parent: QWidget) -> QFrame:
@@ -430,7 +398,7 @@ class BalancePage(PollingPage):
         moves_box = QWidget(page)
         self.moves_title = QLabel("Moves", moves_box)
         self.moves_title.setObjectName("sectionTitle")
-        self.moves = _table(moves_box, ["Wave", "VM", "From → to", "Why", "Gain", "Cost"], "moveTable")
+        self.moves = make_table(moves_box, ["Wave", "VM", "From → to", "Why", "Gain", "Cost"], "moveTable")
         mh = self.moves.horizontalHeader()
         mh.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         for col, width in ((0, 54), (1, 110), (2, 150), (4, 58), (5, 58)):
@@ -442,7 +410,7 @@ class BalancePage(PollingPage):
         self.rejected_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.rejected_toggle.setArrowType(Qt.ArrowType.RightArrow)
         self.rejected_toggle.toggled.connect(self._toggle_rejected)
-        self.rejected = _table(moves_box, ["VM", "Target", "Why not", "Detail"], "rejectedTable")
+        self.rejected = make_table(moves_box, ["VM", "Target", "Why not", "Detail"], "rejectedTable")
         rh = self.rejected.horizontalHeader()
         rh.setSectionResizeMode(3, QHeaderView.ResizeMode.Stretch)
         for col, width in ((0, 120), (1, 110), (2, 130)):
@@ -720,20 +688,20 @@ class BalancePage(PollingPage):
             reason = str(m.get("reason") or "")
             mandatory = bool(m.get("mandatory"))
             cells = [
-                _item(
+                make_item(
                     "–" if wave is None else number(int(wave - first) + 1),
                     "moves in one wave run together",
                     right=True,
                 ),
-                _item(str(m.get("vm") or "?"), detail),
-                _item(f"{m.get('source', '?')} → {m.get('target', '?')}", detail),
-                _item(
+                make_item(str(m.get("vm") or "?"), detail),
+                make_item(f"{m.get('source', '?')} → {m.get('target', '?')}", detail),
+                make_item(
                     ("required: " if mandatory else "") + reason,
                     reason,
                     colour="#8a1c12" if mandatory else None,
                 ),
-                _item(number(as_float(m.get("gain"))), "imbalance reduction of this move", right=True),
-                _item(seconds(m.get("cost_s")), "estimated migration time", right=True),
+                make_item(number(as_float(m.get("gain"))), "imbalance reduction of this move", right=True),
+                make_item(seconds(m.get("cost_s")), "estimated migration time", right=True),
             ]
             for col, item in enumerate(cells):
                 self.moves.setItem(row, col, item)
@@ -748,10 +716,10 @@ class BalancePage(PollingPage):
         for row, r in enumerate(rejected):
             detail = str(r.get("detail") or "")
             cells = [
-                _item(str(r.get("vm") or "?")),
-                _item(str(r.get("target") or "–")),
-                _item(str(r.get("why") or "?").replace("_", " ")),
-                _item(detail, detail),
+                make_item(str(r.get("vm") or "?")),
+                make_item(str(r.get("target") or "–")),
+                make_item(str(r.get("why") or "?").replace("_", " ")),
+                make_item(detail, detail),
             ]
             for col, item in enumerate(cells):
                 self.rejected.setItem(row, col, item)

@@ -19,9 +19,8 @@ from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import QModelIndex, QPersistentModelIndex, QRect, Qt, Signal
-from PySide6.QtGui import QBrush, QColor, QFont, QPainter
+from PySide6.QtGui import QColor, QFont, QPainter
 from PySide6.QtWidgets import (
-    QAbstractItemView,
     QCheckBox,
     QHBoxLayout,
     QHeaderView,
@@ -32,15 +31,22 @@ from PySide6.QtWidgets import (
     QStackedWidget,
     QStyledItemDelegate,
     QStyleOptionViewItem,
-    QTableWidget,
-    QTableWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from cloudmon.ui import format as fmt
 from cloudmon.ui.group_dialog import GroupDialog
-from cloudmon.ui.polling import PAGE_STYLE, PollingPage, as_float, clock_time, empty_state, number
+from cloudmon.ui.polling import (
+    PAGE_STYLE,
+    PollingPage,
+    as_float,
+    clock_time,
+    empty_state,
+    make_item,
+    make_table,
+    number,
+)
 from cloudmon.ui.workers import Reply
 
 logger = logging.getLogger(__name__)
@@ -170,38 +176,6 @@ class BadgeDelegate(QStyledItemDelegate):
         painter.restore()
 
 
-def _table(parent: QWidget, headers: list[str], object_name: str) -> QTableWidget:
-    t = QTableWidget(0, len(headers), parent)
-    t.setObjectName(object_name)
-    t.setHorizontalHeaderLabels(headers)
-    t.verticalHeader().setVisible(False)
-    t.verticalHeader().setDefaultSectionSize(26)
-    t.setShowGrid(False)
-    t.setAlternatingRowColors(True)
-    t.setWordWrap(False)
-    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
-    t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-    t.horizontalHeader().setHighlightSections(False)
-    t.horizontalHeader().setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
-    return t
-
-
-def _item(
-    text: str, tooltip: str | None = None, colour: str | None = None, bold: bool = False
-) -> QTableWidgetItem:
-    item = QTableWidgetItem(text)
-    if tooltip:
-        item.setToolTip(tooltip)
-    if colour:
-        item.setForeground(QBrush(QColor(colour)))
-    if bold:
-        f = item.font()
-        f.setBold(True)
-        item.setFont(f)
-    return item
-
-
 class GroupsPage(PollingPage):
     """Groups list, the selected group's instances and activity, create/edit/delete."""
 
@@ -249,8 +223,11 @@ class GroupsPage(PollingPage):
         head.addWidget(self.edit_button)
         head.addWidget(self.delete_button)
 
-        self.table = _table(
-            self, ["Group", "Capacity", "In service", "Metric / target", "Policies"], "groupTable"
+        self.table = make_table(
+            self,
+            ["Group", "Capacity", "In service", "Metric / target", "Policies"],
+            "groupTable",
+            single=True,
         )
         self.table.setItemDelegateForColumn(0, BadgeDelegate(self.table))
         gh = self.table.horizontalHeader()
@@ -262,7 +239,9 @@ class GroupsPage(PollingPage):
 
         self.instances_title = QLabel("Instances", self)
         self.instances_title.setObjectName("sectionTitle")
-        self.instances = _table(self, ["Instance", "State", "Host", "Launched"], "instanceTable")
+        self.instances = make_table(
+            self, ["Instance", "State", "Host", "Launched"], "instanceTable", single=True
+        )
         ih = self.instances.horizontalHeader()
         ih.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
         for col, width in ((1, 110), (2, 120), (3, 90)):
@@ -270,7 +249,7 @@ class GroupsPage(PollingPage):
 
         self.activity_title = QLabel("Activity history", self)
         self.activity_title.setObjectName("sectionTitle")
-        self.activity = _table(self, ["Time", "Event", "Reason", "Numbers"], "activityTable")
+        self.activity = make_table(self, ["Time", "Event", "Reason", "Numbers"], "activityTable", single=True)
         ah = self.activity.horizontalHeader()
         ah.setSectionResizeMode(2, QHeaderView.ResizeMode.Stretch)
         for col, width in ((0, 84), (1, 150), (3, 300)):
@@ -404,7 +383,7 @@ class GroupsPage(PollingPage):
         metric = g.get("metric")
         policies = [p for p in spec.get("policies") or [] if isinstance(p, dict)]
         policy_text = ", ".join(str(p.get("name") or p.get("type") or "?") for p in policies) or "none"
-        name_item = _item(name, bold=True)
+        name_item = make_item(name, bold=True)
         name_item.setData(NAME_ROLE, name)
         if g.get("simulated"):
             name_item.setData(BADGE_ROLE, "simulated")
@@ -417,14 +396,14 @@ class GroupsPage(PollingPage):
             colour = "#b3261e" if value > target * 1.1 else _INFO if value < target * 0.9 else "#1e7a3c"
         cells = [
             name_item,
-            _item(cap, "desired capacity (min–max)"),
-            _item(
+            make_item(cap, "desired capacity (min–max)"),
+            make_item(
                 f"{in_service} / {len(insts)}",
                 "instances in service / all instances",
                 colour="#b3261e" if insts and in_service < len(insts) else None,
             ),
-            _item(metric_text(metric), "the policy's metric now / its target", colour=colour),
-            _item(policy_text, "\n".join(f"{p.get('type')}: {p.get('name')}" for p in policies)),
+            make_item(metric_text(metric), "the policy's metric now / its target", colour=colour),
+            make_item(policy_text, "\n".join(f"{p.get('type')}: {p.get('name')}" for p in policies)),
         ]
         for col, item in enumerate(cells):
             self.table.setItem(row, col, item)
@@ -439,10 +418,12 @@ class GroupsPage(PollingPage):
             launched = as_float(inst.get("launched_at"))
             node = inst.get("node_id")
             cells = [
-                _item(str(inst.get("id") or "?"), f"node: {node}" if node else "no agent reports yet"),
-                _item(f"● {state.replace('_', ' ')}", colour=STATE_COLOURS.get(state)),
-                _item(str(inst.get("host") or "–")),
-                _item(fmt.ago(now - launched) if launched is not None else "–", clock_time(launched, now)),
+                make_item(str(inst.get("id") or "?"), f"node: {node}" if node else "no agent reports yet"),
+                make_item(f"● {state.replace('_', ' ')}", colour=STATE_COLOURS.get(state)),
+                make_item(str(inst.get("host") or "–")),
+                make_item(
+                    fmt.ago(now - launched) if launched is not None else "–", clock_time(launched, now)
+                ),
             ]
             for col, item in enumerate(cells):
                 self.instances.setItem(row, col, item)
@@ -471,13 +452,13 @@ class GroupsPage(PollingPage):
             nums = numbers_text(ev.get("numbers"))
             ts = as_float(ev.get("ts"))
             cells = [
-                _item(
+                make_item(
                     clock_time(ts, now),
                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else None,
                 ),
-                _item(kind_label(kind), kind, colour=kind_colour(kind), bold=kind_colour(kind) == _BAD),
-                _item(reason, reason),
-                _item(nums, nums.replace(" · ", "\n")),
+                make_item(kind_label(kind), kind, colour=kind_colour(kind), bold=kind_colour(kind) == _BAD),
+                make_item(reason, reason),
+                make_item(nums, nums.replace(" · ", "\n")),
             ]
             for col, item in enumerate(cells):
                 self.activity.setItem(row, col, item)

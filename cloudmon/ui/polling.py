@@ -16,8 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 from PySide6.QtCore import Qt, QTimer
-from PySide6.QtGui import QHideEvent, QShowEvent
-from PySide6.QtWidgets import QLabel, QPushButton, QVBoxLayout, QWidget
+from PySide6.QtGui import QColor, QHideEvent, QShowEvent
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QLabel,
+    QPushButton,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
 
 from cloudmon.client import ApiClient
 from cloudmon.ui.workers import Reply, RequestTracker, RequestWorker
@@ -211,3 +219,47 @@ def as_float(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value)
+
+
+def make_table(
+    parent: QWidget, headers: list[str], object_name: str, *, single: bool = False
+) -> QTableWidget:
+    """A read-only table in the pages' look: whole-row selection (one row with ``single``)."""
+    t = QTableWidget(0, len(headers), parent)
+    t.setObjectName(object_name)
+    t.setHorizontalHeaderLabels(headers)
+    t.verticalHeader().setVisible(False)
+    t.verticalHeader().setDefaultSectionSize(26)
+    t.setShowGrid(False)
+    t.setAlternatingRowColors(True)
+    t.setWordWrap(False)
+    t.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+    t.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
+    if single:
+        t.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+    t.horizontalHeader().setHighlightSections(False)
+    t.horizontalHeader().setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
+    return t
+
+
+def make_item(
+    text: str,
+    tooltip: str | None = None,
+    colour: str | None = None,
+    *,
+    right: bool = False,
+    bold: bool = False,
+) -> QTableWidgetItem:
+    """A table cell: optional tooltip, text colour, right alignment (numbers) and bold."""
+    item = QTableWidgetItem(text)
+    if tooltip:
+        item.setToolTip(tooltip)
+    if colour:
+        item.setForeground(QColor(colour))
+    if right:
+        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+    if bold:
+        f = item.font()
+        f.setBold(True)
+        item.setFont(f)
+    return item

@@ -8,10 +8,7 @@ releases it, which makes a long-running request.
 
 from __future__ import annotations
 
-import http.client
-import http.server
 import threading
-from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +18,13 @@ from cloudmon.lb.base import Drainer, DrainOutcome
 from cloudmon.lb.drain import HaproxyDrainer
 from cloudmon.lb.haproxy import HaproxyRuntime, LbError, LbUnavailable, ServerState
 from cloudmon.lb.service import LoadBalancerService, ServiceGroup, WeightController
+from tests.integration.lbkit import (
+    HeldRequest,
+    HttpBackend,
+    distribution,
+    running_backends,
+    running_haproxy,
+)
 from tests.servers import HaproxyServer, wait_for
 
 pytestmark = pytest.mark.integration
@@ -29,84 +33,16 @@ SERVERS = ("web-1", "web-2", "web-3")
 MEMBERS = {f"vm-{i}": name for i, name in enumerate(SERVERS, start=1)}
 
 
-class HttpBackend:
-    """A threaded HTTP server on a free loopback port that answers its name; ``/hold`` waits."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.hits: Counter[str] = Counter()
-        self.release = threading.Event()
-        self._lock = threading.Lock()
-        backend = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                with backend._lock:
-                    backend.hits[self.path] += 1
-                if self.path == "/hold":
-                    # Bounded, so that a failing test cannot hang the server thread forever.
-                    backend.release.wait(60)
-                body = backend.name.encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass  # keep the test output clean
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port: int = self.httpd.server_address[1]
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, args=(0.05,), name=f"backend-{name}", daemon=True
-        )
-        self._thread.start()
-
-    def count(self, path: str = "/") -> int:
-        """Requests for ``path`` so far."""
-        with self._lock:
-            return self.hits[path]
-
-    def close(self) -> None:
-        """Release held requests, stop serving and join the thread."""
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-        self._thread.join(10)
-
-
-def get(url: str, path: str = "/") -> tuple[int, str]:
-    """One request through ``url`` on a fresh connection: (status, body)."""
-    host, _, port = url.removeprefix("http://").rpartition(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read().decode()
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def backends() -> Iterator[dict[str, HttpBackend]]:
-    started = {name: HttpBackend(name) for name in SERVERS}
-    try:
+    with running_backends(SERVERS) as started:
         yield started
-    finally:
-        for b in started.values():
-            b.close()
 
 
 @pytest.fixture
 def haproxy(tmp_path: Path, backends: dict[str, HttpBackend]) -> Iterator[HaproxyServer]:
-    server = HaproxyServer.start(
-        tmp_path / "haproxy", {"app": {name: (b.port, 100) for name, b in backends.items()}}
-    )
-    try:
+    with running_haproxy(tmp_path / "haproxy", backends) as server:
         yield server
-    finally:
-        server.close()
 
 
 def make_group(server: HaproxyServer, **kw: object) -> ServiceGroup:
@@ -122,37 +58,6 @@ def make_group(server: HaproxyServer, **kw: object) -> ServiceGroup:
 
 def servers_of(runtime: HaproxyRuntime) -> dict[str, ServerState]:
     return {s.name: s for s in runtime.show_servers("app")}
-
-
-def distribution(url: str, n: int) -> Counter[str]:
-    counts: Counter[str] = Counter()
-    for _ in range(n):
-        status, body = get(url)
-        assert status == 200
-        counts[body] += 1
-    return counts
-
-
-class HeldRequest:
-    """A ``/hold`` request in flight through haproxy, in its own thread."""
-
-    def __init__(self, url: str) -> None:
-        self.result: list[tuple[int, str]] = []
-        self.errors: list[Exception] = []
-        self._thread = threading.Thread(target=self._run, args=(url,), daemon=True)
-        self._thread.start()
-
-    def _run(self, url: str) -> None:
-        try:
-            self.result.append(get(url, "/hold"))
-        except (OSError, http.client.HTTPException) as exc:  # reported by finish()
-            self.errors.append(exc)
-
-    def finish(self) -> tuple[int, str]:
-        self._thread.join(60)
-        assert not self.errors, self.errors
-        assert self.result, "the held request did not finish"
-        return self.result[0]
 
 
 def hold_one(server: HaproxyServer, backends: dict[str, HttpBackend]) -> tuple[HeldRequest, str]:

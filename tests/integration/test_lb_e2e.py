@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +30,9 @@ from cloudmon.lb.haproxy import HaproxyRuntime, ServerState
 from cloudmon.providers.simulated import SimulatedProvider
 from cloudmon.store import TelemetryStore, open_store
 from cloudmon_agent.schema import encode
-from tests.integration.test_haproxy import HeldRequest, HttpBackend, distribution
+from tests.integration.lbkit import HeldRequest, HttpBackend, distribution, running_backends, running_haproxy
 from tests.servers import HaproxyServer
-from tests.unit.collector.helpers import TOKEN, make_report, post
+from tests.unit.collector.helpers import TOKEN, make_report, post, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -66,36 +66,16 @@ class Reporter:
         self._thread.join(10)
 
 
-def _wait(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
-
-
 @pytest.fixture
 def backends() -> Iterator[dict[str, HttpBackend]]:
-    started = {name: HttpBackend(name) for name in SERVERS}
-    try:
+    with running_backends(SERVERS) as started:
         yield started
-    finally:
-        for b in started.values():
-            b.close()
 
 
 @pytest.fixture
 def haproxy(tmp_path: Path, backends: dict[str, HttpBackend]) -> Iterator[HaproxyServer]:
-    server = HaproxyServer.start(
-        tmp_path / "haproxy", {"app": {n: (b.port, 100) for n, b in backends.items()}}
-    )
-    try:
+    with running_haproxy(tmp_path / "haproxy", backends) as server:
         yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
@@ -165,7 +145,7 @@ def test_haproxy_weights_follow_the_instances_cpu(
             s = _servers(haproxy)
             return s if s["web-1"].weight < 30 and s["web-2"].weight == 100 else None
 
-        servers = _wait(busy_weighted_down, 15, "HAProxy's weights to follow CPU (web-1 busy)")
+        servers = wait_for(busy_weighted_down, 15, "HAProxy's weights to follow CPU (web-1 busy)")
         # weighted: 100 * (100 - 90 + 5) / (100 - 5 + 5) = 15
         assert servers["web-1"].weight == 15
         assert not reporter.errors, reporter.errors
@@ -190,7 +170,7 @@ def test_haproxy_weights_follow_the_instances_cpu(
             s = _servers(haproxy)
             return s["web-1"].weight == 100 and s["web-2"].weight == 15
 
-        _wait(swapped, 15, "HAProxy's weights to follow CPU (web-2 busy)")
+        wait_for(swapped, 15, "HAProxy's weights to follow CPU (web-2 busy)")
         weights = [e["changes"] for e in _events(api, "lb.weights")]
         assert weights[-1] == {"web-1": {"from": 15, "to": 100}, "web-2": {"from": 100, "to": 15}}
     finally:
@@ -219,10 +199,10 @@ def test_scale_in_drains_the_instance_through_haproxy_before_terminating_it(
         ids = sorted(i["id"] for i in g["instances"] if i["state"] == "in_service")
         return ids if len(ids) == 2 else []
 
-    ids = _wait(two_in_service, 15, "two instances in service")
+    ids = wait_for(two_in_service, 15, "two instances in service")
     members = dict(zip(ids, SERVERS, strict=True))
     _put_service_group(api, haproxy, members, deregistration_delay_s=30)
-    _wait(
+    wait_for(
         lambda: "weights" in api._json("GET", "/api/v1/service-groups")["service_groups"][0],
         10,
         "the control plane to pick up the service group",
@@ -230,7 +210,9 @@ def test_scale_in_drains_the_instance_through_haproxy_before_terminating_it(
 
     # One long request open on each backend (round robin, equal weights).
     held = [HeldRequest(haproxy.url), HeldRequest(haproxy.url)]
-    _wait(lambda: all(b.count("/hold") == 1 for b in backends.values()), 15, "a held request on each backend")
+    wait_for(
+        lambda: all(b.count("/hold") == 1 for b in backends.values()), 15, "a held request on each backend"
+    )
 
     api.put_group("asg", {**GROUP, "desired": 1})
 
@@ -239,7 +221,7 @@ def test_scale_in_drains_the_instance_through_haproxy_before_terminating_it(
         names = [n for n in SERVERS if s[n].state == "drain"]
         return names[0] if len(names) == 1 else None
 
-    victim = _wait(draining, 15, "HAProxy to drain one server")
+    victim = wait_for(draining, 15, "HAProxy to drain one server")
     keeper = next(n for n in SERVERS if n != victim)
     victim_id = next(i for i, n in members.items() if n == victim)
 
@@ -255,14 +237,16 @@ def test_scale_in_drains_the_instance_through_haproxy_before_terminating_it(
     # The open request finishes; then the drain ends, the server goes to maint and the
     # instance is terminated.
     backends[victim].release.set()
-    done = _wait(lambda: [h.result[0] for h in held if h.result], 15, "the victim's open request to finish")
+    done = wait_for(
+        lambda: [h.result[0] for h in held if h.result], 15, "the victim's open request to finish"
+    )
     assert done == [(200, victim)]
 
     def terminated() -> bool:
         (g,) = api.groups()["groups"]
         return victim_id not in {i["id"] for i in g["instances"]}
 
-    _wait(terminated, 15, f"{victim_id} to be terminated after its drain")
+    wait_for(terminated, 15, f"{victim_id} to be terminated after its drain")
     assert _servers(haproxy)[victim].state == "maint"
     drains = [e for e in _events(api, "lb.") if e.get("instance") == victim_id]
     kinds = [e["kind"] for e in drains]
