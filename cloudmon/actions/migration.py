@@ -139,6 +139,13 @@ class PlanExecutor:
         self.drain_timeout_s = drain_timeout_s
         self._poll_s = poll_s
         self._cancel = threading.Event()
+        self._abandon = threading.Event()
+
+    def abandon(self) -> None:
+        """Stop waiting now (the collector is shutting down): the move in flight fails here,
+        and the agent carrying it out finishes it, or aborts it at its deadline, by itself."""
+        self._abandon.set()
+        self._cancel.set()
 
     def cancel(self) -> None:
         """Stop after the move in progress (it is finished and verified, not interrupted)."""
@@ -298,6 +305,12 @@ class PlanExecutor:
         handle = self._submit(src_node, "vm.migrate", params, self.migrate_timeout_s + COMMAND_MARGIN_S)
         seen = handle.version
         while not handle.finished:
+            if self._abandon.is_set():
+                raise _StepFailed(
+                    f"the collector stopped while {move.vm} was migrating; the agent on {move.source} "
+                    "finishes the migration or aborts it at its deadline: look where it runs",
+                    {"command_id": handle.id},
+                )
             handle.wait(self._poll_s, since_version=seen)
             if handle.version != seen:
                 seen = handle.version

@@ -247,7 +247,8 @@ class ControlPlane:
         self._stop.set()
         executor = self._executor
         if executor is not None:
-            executor.cancel()
+            # Never hold a shutdown for a migration: the agents finish what they started.
+            executor.abandon()
         self._drainer.close()
         if self._thread is not None:
             self._thread.join()

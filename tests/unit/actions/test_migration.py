@@ -145,3 +145,22 @@ def test_agent_provider_describes_and_deletes_through_the_agent(
         p.create(LaunchRequest(group="g", name="new-1", image="/nonexistent/base.qcow2"))
     with pytest.raises(ProviderError, match="unknown option"):
         AgentProvider(collector.collector.commands, {"a": "node-a"}, {"colour": "red"})
+
+
+def test_abandon_stops_waiting_for_a_migration_at_once(collector: CollectorThread, clock: FakeClock) -> None:
+    import threading
+
+    events: list[dict[str, Any]] = []
+    ex = executor(collector, clock, events)
+    reports: list[Any] = []
+    # No agent answers for node-a: the migration command waits for it.
+    t = threading.Thread(target=lambda: reports.append(ex.run([Mv("web-1", "a", "b")])))
+    t.start()
+    wait_for(lambda: any(e["kind"] == "rebalance.move_started" for e in events), what="the move to start")
+    ex.abandon()
+    t.join(10)
+    assert not t.is_alive()
+    (report,) = reports
+    assert not report.ok
+    assert report.failed is not None
+    assert "the collector stopped while web-1 was migrating" in report.reason
