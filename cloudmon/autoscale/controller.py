@@ -19,6 +19,7 @@ import math
 from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 
@@ -138,6 +139,14 @@ def choose_victims(
     return ordered[:n]
 
 
+#: A source logs a routine decision not to act at most this often (seconds).
+QUIET_MIN_S: Final = 60.0
+#: Decisions not to act that are always logged when they start.
+ALWAYS_LOGGED: Final = frozenset(
+    {"at_max", "arbiter_refused", "no_data", "launch_backoff", "scale_in_disabled"}
+)
+
+
 class _Events:
     def __init__(self, group: str, now: float, state: GroupState) -> None:
         self.group = group
@@ -151,10 +160,18 @@ class _Events:
     def quiet(
         self, source: str, p: Proposal | None, code: str, reason: str, numbers: dict[str, float]
     ) -> None:
-        """A decision not to act, logged when its reason differs from the last one of ``source``."""
+        """A decision not to act, logged when its reason differs from the last one of ``source``
+        and the same reason was not logged for it in the last :data:`QUIET_MIN_S` seconds
+        (a metric hovering at a band's edge must not flood the activity history).
+        """
         if self.state.quiet.get(source) == code:
             return
         self.state.quiet[source] = code
+        key = f"{source}/{code}"
+        last = self.state.quiet_at.get(key)
+        if last is not None and self.now - last < QUIET_MIN_S:
+            return
+        self.state.quiet_at[key] = self.now
         extra: dict[str, object] = {"code": code}
         if p is not None:
             extra["policy"] = p.policy

@@ -364,6 +364,8 @@ class GroupState(msgspec.Struct, kw_only=True):
     scheduled_fired: dict[str, float] = {}
     #: Last no-action code per source (policy name or "reconcile"): repeats are not re-logged.
     quiet: dict[str, str] = {}
+    #: When each ``source/code`` decision not to act was last logged (repeats are rate-limited).
+    quiet_at: dict[str, float] = {}
     #: Launches owed to replace unhealthy instances (the arbiter grants them as mandatory).
     replacements_owed: int = 0
     launch_failures: int = 0

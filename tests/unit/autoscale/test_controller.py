@@ -441,3 +441,22 @@ def test_state_round_trips_through_json() -> None:
     dec = decide(spec, st, now, running(st, now, cpu(st, 90.0)))
     doc = msgspec.json.decode(msgspec.json.encode(dec.state))
     assert msgspec.convert(doc, GroupState) == dec.state
+
+
+def test_a_metric_hovering_at_the_band_edge_does_not_flood_the_activity_history() -> None:
+    spec = make_spec(policies=[TT])
+    st = initial_state(spec)
+    in_service(st, 2, T0 - 3600)
+    quiet: list[tuple[float, str]] = []
+    # Each second the average crosses the lower band edge (45) one way or the other.
+    for t in range(600):
+        value = 44.7 if t % 2 else 47.7
+        dec = decide(spec, st, T0 + t, running(st, T0 + t, cpu(st, value)))
+        quiet += [(float(t), c) for c in codes(dec.events)]
+        st = dec.state
+    assert {c for _, c in quiet} == {"within_tolerance", "stabilizing"}
+    # Each reason at most once a minute: about 20 lines in 10 minutes, not 600.
+    assert len(quiet) <= 2 * (600 // 60 + 1)
+    for code in ("within_tolerance", "stabilizing"):
+        times = [t for t, c in quiet if c == code]
+        assert all(b - a >= 60 for a, b in zip(times, times[1:], strict=False))
