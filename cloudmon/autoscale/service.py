@@ -501,6 +501,7 @@ class AutoscaleService:
                     nums,
                     instance=iid,
                     host=inst.host,
+                    node=inst.node_id,
                 )
             )
 

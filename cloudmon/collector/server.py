@@ -44,7 +44,7 @@ from cloudmon.collector.commands import CommandError, CommandQueue, SubmitComman
 from cloudmon.collector.stream import StreamHub, sse_event
 from cloudmon.collector.writer import StoreWriter
 from cloudmon.config import Config, ConfigError
-from cloudmon.model.cluster import SUMMARY_METRICS, ClusterModel, NodeState, NodeStatus
+from cloudmon.model.cluster import RETIRED_DOC, SUMMARY_METRICS, ClusterModel, NodeState, NodeStatus
 from cloudmon.store import redact_url
 from cloudmon.store.base import NodeRecord, Sample, StoreError, StoreUnavailable, TelemetryStore
 from cloudmon_agent.schema import Command, IngestResponse, Report, SchemaError, decode_report, flatten
@@ -197,6 +197,7 @@ class Collector:
                 clock=clock,
             )
         self._readers: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._openapi = _encoder.encode(openapi_document())
@@ -241,6 +242,7 @@ class Collector:
         if self._runner is not None or self._closed:
             raise RuntimeError("Collector.start() may be called once")
         loop = asyncio.get_running_loop()
+        self._loop = loop
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="cloudmon-reader")
         await self._restore_nodes(loop)
         self._writer.start()
@@ -282,15 +284,27 @@ class Collector:
                 balance_every_s=self._config.balance_every_s,
                 plan_every_s=self._config.plan_every_s,
                 providers=self._providers,
+                forget_node=self._forget_soon,
             )
             self.control.start()
         log.info("collector listening on %s (store %s)", self.url, redact_url(self._config.store_url))
 
+    def _forget_soon(self, node_id: str) -> None:
+        """Drop a node from the live model, on the event loop (the model's only writer)."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.model.forget, node_id)
+
     async def _restore_nodes(self, loop: asyncio.AbstractEventLoop) -> None:
         # A restarted collector lists every node it ever saw; each one's status
         # follows its last report before the restart (soon unreachable if silent).
+        def known() -> list[NodeRecord]:
+            # Terminated instances (cloudmon.control.plane) stay in the history, not the list.
+            retired = self._store.list_documents(RETIRED_DOC)
+            return [r for r in self._store.nodes() if r.node_id not in retired]
+
         try:
-            records = await loop.run_in_executor(self._readers, self._store.nodes)
+            records = await loop.run_in_executor(self._readers, known)
         except StoreError as exc:
             log.warning("cannot read the node inventory from the store: %s", exc)
             self._writer.note_error(exc)

@@ -45,7 +45,7 @@ from cloudmon.lb.base import DrainOutcome
 from cloudmon.lb.drain import TimeoutDrainer
 from cloudmon.lb.service import DOCUMENT_KIND as SERVICE_GROUP_DOC
 from cloudmon.lb.service import LoadBalancerService, ServiceGroup, load_groups, save_group
-from cloudmon.model.cluster import ClusterModel
+from cloudmon.model.cluster import RETIRED_DOC, ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import Provider, ProviderError
 from cloudmon.rebalance.planner import Plan, PlanSettings, Rejected, imbalance, plan
@@ -171,6 +171,7 @@ class ControlPlane:
         providers: Mapping[str, Provider] | None = None,
         arbiter: Arbiter | None = None,
         snapshot_source: SnapshotSource = _live_snapshot,
+        forget_node: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._model = model
@@ -181,6 +182,8 @@ class ControlPlane:
         self.plan_every_s = plan_every_s
         self.arbiter = arbiter if arbiter is not None else Arbiter(clock)
         self._snapshot_source = snapshot_source
+        #: Drops a node from the live model, on the model's own thread (the collector's loop).
+        self._forget_node = forget_node
         self._fixed_providers: dict[str, Provider] = dict(providers or {})
         self._providers: dict[str, Provider] = {}
         self._lock = threading.RLock()
@@ -288,7 +291,19 @@ class ControlPlane:
 
     def _tick_autoscale(self) -> None:
         self._commands.expire()
-        self.autoscale.tick()
+        for ev in self.autoscale.tick():
+            node = ev.get("node")
+            if ev.get("kind") == "autoscale.terminate" and isinstance(node, str) and node:
+                self._retire_node(
+                    node, f"instance {ev.get('instance')} of group {ev.get('group')} terminated"
+                )
+
+    def _retire_node(self, node_id: str, why: str) -> None:
+        """A terminated instance's own agent is gone for good: stop listing its node (its
+        history stays) and do not bring it back on a restart (unless it reports again)."""
+        self._store.put_document(RETIRED_DOC, node_id, {"ts": self._clock(), "reason": why})
+        if self._forget_node is not None:
+            self._forget_node(node_id)
 
     def _provider_for(self, template: LaunchTemplate) -> Provider:
         name = template.provider

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 
@@ -22,6 +23,11 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "net.tx_bps",
     "load.1",
 )
+
+
+#: Store document kind of nodes gone for good (terminated instances): their history
+#: stays, but a restarted collector does not list them again.
+RETIRED_DOC: Final = "retired_node"
 
 
 class NodeStatus(enum.StrEnum):
@@ -112,6 +118,11 @@ class ClusterModel:
     def restore(self, node: NodeState) -> None:
         """Add a node known from the store (e.g. after a restart), without values."""
         self._nodes.setdefault(node.node_id, node)
+
+    def forget(self, node_id: str) -> bool:
+        """Drop a node that is gone for good (a terminated instance); its history stays in
+        the store.  A node that reports again comes back.  Call it on the model's writer."""
+        return self._nodes.pop(node_id, None) is not None
 
     def get(self, node_id: str) -> NodeState | None:
         return self._nodes.get(node_id)

@@ -222,3 +222,38 @@ def test_rules_and_maintenance_are_checked_stored_and_logged(
     events = api._json("GET", "/api/v1/events?kind=rebalance.")["events"]
     kinds = [e["kind"] for e in events if e["kind"] != "rebalance.plan"]
     assert kinds == ["rebalance.rule", "rebalance.rule_deleted", "rebalance.maintenance"], events
+
+
+def test_terminated_instances_leave_the_node_list_and_do_not_come_back_after_a_restart(
+    store: TelemetryStore,
+) -> None:
+    config = Config(listen_port=0, control_tick_s=0.1)
+    ct = CollectorThread(config, store, TOKEN)
+    ct.start()
+    # Instances are simulated nodes whose agents report to this collector over HTTP.
+    provider = SimulatedProvider({"collector_url": ct.url, "token": TOKEN, "hosts": 1, "boot_delay_s": 0})
+    client = ApiClient(ct.url, TOKEN)
+    try:
+        assert ct.collector.control is not None
+        ct.collector.control.add_provider("simulated", provider)
+        client.put_group("web", dict(GROUP, drain_timeout_s=0))
+        wait_for(lambda: len(client.nodes().nodes) == 3, timeout=20, what="the host and two instances listed")
+        client.delete_group("web", force=True)
+        wait_for(lambda: client.groups()["groups"] == [], timeout=20, what="the group gone")
+        wait_for(lambda: len(client.nodes().nodes) == 1, what="the terminated instances' nodes dropped")
+        (host,) = [n.node_id for n in client.nodes().nodes]
+    finally:
+        provider.close()
+        client.close()
+        ct.close()
+    ct = CollectorThread(config, store, TOKEN)
+    ct.start()
+    client = ApiClient(ct.url, TOKEN)
+    try:
+        assert [n.node_id for n in client.nodes().nodes] == [host]
+        events = client._json("GET", "/api/v1/events?kind=autoscale.terminate")["events"]
+        assert len(events) == 2
+        assert all(e["node"].startswith("sim-web-") for e in events)
+    finally:
+        client.close()
+        ct.close()
