@@ -41,8 +41,11 @@ step: together its moves must improve ``n·σ²`` by ``MIN_GAIN`` per move.
 ``exact_max_pairs`` (VM, host) pairs, and says in ``Plan.notes`` when it fell back.
 
 **Order and waves.**  Moves are listed in an order in which each is valid
-after the ones before it: every target stays within its headroom (and a host
-above its headroom never receives a VM) at every step.  ``wave`` groups moves
+after the ones before it: every target stays within its headroom at every step
+(a host that starts above its headroom receives a VM only once enough of its own
+VMs left it).  The exact solver bounds only the final placement; the planner
+searches for such an order, parks a VM on a third host to break a cycle that has
+none, and keeps the heuristic's plan when neither works.  ``wave`` groups moves
 that may run at once (at most ``max_concurrent`` per wave); a move that needs
 room freed by an earlier move is in a later wave.
 """
@@ -94,6 +97,8 @@ _BEAM_MAX_PAIRS: Final = 2_000
 _BEAM_WIDTH: Final = 8
 # Moves the beam search may score (≈ 1-2 µs each): bounds its time on long move budgets.
 _BEAM_WORK: Final = 300_000
+# States the ordering search of an exact placement may expand before it parks VMs instead.
+_ORDER_NODES: Final = 2_000
 
 Why = Literal["capacity", "rule", "too_small_gain", "pinned", "budget", "cost", "maintenance"]
 
@@ -495,6 +500,8 @@ class _Planner:
         self.notes: list[str] = []
         self.power_off: list[str] = []
         self.min_gain = MIN_GAIN[settings.threshold]
+        #: Intermediate moves :meth:`apply_assignment` made (VMs parked to break a cycle).
+        self.detours = 0
 
     # -- recording ---------------------------------------------------------
     def reject(self, v: int, t: int | None, why: str, detail: str) -> None:
@@ -1068,10 +1075,24 @@ class _Planner:
             self.power_off.append(st.hnames[h])
 
     # -- exact ---------------------------------------------------------------
-    def apply_assignment(self, target: list[int], mandatory_vms: set[int]) -> None:
-        """Reach a placement (from the exact solver) through valid single steps."""
+    def apply_assignment(self, target: list[int], mandatory_vms: set[int]) -> bool:
+        """Reach a placement (from the exact solver) through valid single steps.
+
+        The target only promises that every host's *final* load fits; the steps are
+        ordered so that each one fits when it is made (a host above its headroom
+        receives only after enough of its VMs left).  Returns True when the placement
+        was reached; ``self.detours`` counts the intermediate moves it took (a VM
+        parked on a third host to break a cycle of moves that needs temporary room).  False: some moves could not be
+        made (listed as rejected) and the plan stops short of the target.
+        """
         st = self.st
         pending = {v for v, t in enumerate(target) if st.vhost[v] != t}
+        order, _complete = self._order(pending, target)
+        if order is not None and len(order) <= self.budget_left():
+            for v in order:
+                why = self._violation_now(v) if v in mandatory_vms else None
+                self.do_vm(v, target[v], why is not None, why or self._why_balance())
+            pending.clear()
         while pending:
             best: tuple[tuple[int, float], int] | None = None
             for v in pending:
@@ -1092,17 +1113,69 @@ class _Planner:
                     self.reject(
                         v, target[v], "capacity", "no order of moves reaches this placement within headroom"
                     )
-                return
+                break
             v = best[1]
             if self.budget_left() < 1:
                 for p in sorted(pending):
                     self.reject(p, target[p], "budget", f"max_moves={self.s.max_moves} reached")
-                return
+                break
             why = self._violation_now(v) if v in mandatory_vms else None
             self.do_vm(v, target[v], why is not None, why or self._why_balance())
             pending.discard(v)
         for u in st.units:
             u.moved = any(st.vhost[v] != st.initial_vhost[v] for v in u.members)
+        return not pending
+
+    def _order(self, pending: set[int], target: list[int]) -> tuple[list[int] | None, bool]:
+        """An order of the moves ``v → target[v]`` in which each fits when it is made, or None;
+        and whether the search was complete (None and complete: no such order exists).
+
+        Depth-first over "which move next", best-looking first (rules kept, then the
+        best gain), so it returns the greedy order whenever that one works.  Greedy
+        alone can deadlock where an order exists: it may fill a host with one arrival
+        that another arrival needed, whose own departure would have freed the room
+        a third move was waiting for.  The placement after a set of moves does not
+        depend on their order, so dead ends are remembered by that set; the search
+        gives up (None) after ``_ORDER_NODES`` states.  Leaves ``st`` as it found it.
+        """
+        st = self.st
+        src = {v: st.vhost[v] for v in pending}
+        dead: set[frozenset[int]] = set()
+        seq: list[int] = []
+        # One frame per step taken: (moves left before it, candidates not yet tried, best last).
+        stack: list[tuple[frozenset[int], list[int]]] = []
+        left = frozenset(pending)
+        nodes = 0
+        while left and nodes < _ORDER_NODES:
+            opts: list[int] = []
+            if left not in dead:
+                nodes += 1
+                ranked: list[tuple[tuple[int, float], int]] = []
+                for v in left:
+                    b = st.blocked(st.vunit[v], target[v], st.vdemand[v])
+                    if b is not None and b[0] != "rule":
+                        continue
+                    # Prefer steps that keep rules (transient anti-affinity), then the best gain.
+                    delta = st.var_delta(st.vdemand[v], st.vhost[v], target[v])
+                    ranked.append(((1 if b is not None else 0, delta), v))
+                opts = [v for _, v in sorted(ranked, reverse=True)]
+            # A dead end: step back until a frame has an untried candidate.
+            while not opts and stack:
+                dead.add(left)
+                left, opts = stack.pop()
+                u = seq.pop()
+                st.move_vm(u, src[u])
+            if not opts:
+                break
+            v = opts.pop()
+            stack.append((left, opts))
+            seq.append(v)
+            st.move_vm(v, target[v])
+            left = left - {v}
+        found = not left
+        for v in reversed(seq):
+            st.move_vm(v, src[v])
+        return (seq if found else None), nodes < _ORDER_NODES
 
     def _park(self, pending: set[int], target: list[int]) -> bool:
         st = self.st
@@ -1113,6 +1186,7 @@ class _Planner:
                 if b in (st.vhost[v], target[v]) or st.blocked(st.vunit[v], b, st.vdemand[v]) is not None:
                     continue
                 self.do_vm(v, b, False, f"intermediate step (room for a swap on {st.hnames[st.vhost[v]]!r})")
+                self.detours += 1
                 return True
         return False
 
@@ -1207,12 +1281,19 @@ def plan(
             q = _Planner(snapshot, s)
             q.notes = p.notes
             mandatory_vms = _mandatory_vms(q)
-            q.apply_assignment(result.target, mandatory_vms)
+            reached = q.apply_assignment(result.target, mandatory_vms)
+            p.notes.append(_exact.verdict(result, reached=reached, detours=q.detours))
             if s.mode == "consolidate":
                 q.power_off = [
                     st.hnames[h] for h in range(len(st.hnames)) if q.st.active[h] and not q.st.vms_on[h]
                 ]
-            if _objective(q) <= heur_score + 1e-12 and not q.unresolved:
+            if not reached:
+                # A partial path may leave a transient rule violation behind: never keep it.
+                p.notes.append(
+                    "the exact placement could not be reached by valid moves; kept the heuristic's plan"
+                )
+                solver = "heuristic"
+            elif _objective(q) <= heur_score + 1e-12 and not q.unresolved:
                 q.unresolved = p.unresolved
                 p = q
             else:
@@ -1277,10 +1358,10 @@ def _improved(p: _Planner, snapshot: ClusterSnapshot, s: PlanSettings) -> _Plann
         return greedy
     q = _Planner(snapshot, s)
     q.notes = greedy.notes
-    q.apply_assignment(list(p.st.vhost), _mandatory_vms(q))
+    reached = q.apply_assignment(list(p.st.vhost), _mandatory_vms(q))
     q.rejected = greedy.rejected + q.rejected
     q.unresolved = greedy.unresolved
-    if len(q.recs) <= s.max_moves and _objective(q) < _objective(greedy) - 1e-12:
+    if reached and len(q.recs) <= s.max_moves and _objective(q) < _objective(greedy) - 1e-12:
         return q
     return greedy
 
