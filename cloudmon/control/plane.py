@@ -629,27 +629,44 @@ class ControlPlane:
             self._start_execution(record, by=f"automation {settings.automation}")
 
     def _plan_around_holds(self, snap: ClusterSnapshot, settings: PlanSettings) -> Plan:
-        """Plan, leaving out balancing moves the arbiter would refuse (a VM just moved, or one
-        another loop is changing): those VMs stay put and are listed as rejected, with why.
+        """Plan, leaving out balancing moves the arbiter would refuse: a VM another loop is
+        changing or just changed (a new auto-scaling instance), or one that would move back
+        where it just came from.  Those VMs stay put and are listed as rejected, with why.
 
         Mandatory moves are never left out: a rule or maintenance overrides a hold.
         """
-        result = plan(snap, settings)
         held: dict[str, str] = {}
-        for m in result.moves:
-            if m.mandatory:
-                continue
-            grant = self.arbiter.check(LOOP_REBALANCE, m.vm, source=m.source, target=m.target)
+        for v in snap.vms:
+            # Whatever the target: another loop's claim or recent change holds the VM.
+            grant = self.arbiter.check(LOOP_REBALANCE, v.name)
             if grant.code in ("hold", "claimed"):
-                held[m.vm] = grant.reason
+                held[v.name] = grant.reason
+        if held:
+            # A pinned VM never moves, not even when it must: keep those free.
+            evacuating = {h.name for h in snap.hosts if h.maintenance}
+            must = {m.vm for m in plan(snap, settings).moves if m.mandatory}
+            must |= {v.name for v in snap.vms if v.host in evacuating}
+            held = {vm: why for vm, why in held.items() if vm not in must}
+        for _ in range(4):
+            pinned = [msgspec.structs.replace(v, pinned=True) if v.name in held else v for v in snap.vms]
+            result = plan(msgspec.structs.replace(snap, vms=pinned), settings)
+            # Moving back to where it came from is held only for that target: plan again.
+            more = {}
+            for m in result.moves:
+                if m.mandatory or m.vm in held:
+                    continue
+                grant = self.arbiter.check(LOOP_REBALANCE, m.vm, source=m.source, target=m.target)
+                if grant.code in ("hold", "claimed"):
+                    more[m.vm] = grant.reason
+            if not more:
+                break
+            held.update(more)
         if not held:
             return result
-        pinned = [msgspec.structs.replace(v, pinned=True) if v.name in held else v for v in snap.vms]
-        again = plan(msgspec.structs.replace(snap, vms=pinned), settings)
         rejected = [Rejected(vm=vm, target=None, why="hold", detail=why) for vm, why in sorted(held.items())]
-        # The re-plan lists the held VMs as "pinned": the hold says why.
-        rest = [r for r in again.rejected if not (r.vm in held and r.why == "pinned")]
-        return msgspec.structs.replace(again, rejected=rejected + rest)
+        # The planner lists the held VMs as "pinned": the hold says why.
+        rest = [r for r in result.rejected if not (r.vm in held and r.why == "pinned")]
+        return msgspec.structs.replace(result, rejected=rejected + rest)
 
     def _new_plan(self, snap: ClusterSnapshot, settings: BalanceSettings, now: float) -> PlanRecord:
         result = self._plan_around_holds(snap, self._planner_settings(settings))

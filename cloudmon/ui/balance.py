@@ -696,8 +696,13 @@ class BalancePage(PollingPage):
                 make_item(str(m.get("vm") or "?"), detail),
                 make_item(f"{m.get('source', '?')} → {m.get('target', '?')}", detail),
                 make_item(
-                    ("required: " if mandatory else "") + reason,
-                    reason,
+                    # The gist up front (the planner's full sentence is the tooltip): a
+                    # required move's cause, or what a balancing move does to both hosts.
+                    f"required: {reason.split(':')[0]}"
+                    if mandatory
+                    else f"{m.get('source')} CPU {pct(sb.get('cpu'))} → {pct(sa.get('cpu'))}, "
+                    f"{m.get('target')} {pct(tb.get('cpu'))} → {pct(ta.get('cpu'))}",
+                    f"{reason}\n\n{detail}",
                     colour="#8a1c12" if mandatory else None,
                 ),
                 make_item(number(as_float(m.get("gain"))), "imbalance reduction of this move", right=True),

@@ -67,12 +67,13 @@ def main(argv: list[str] | None = None) -> int:
             balance = window.open_balance()
             settle(app, 4)
             window.grab().save(str(out / "demo-balance.png"))
-            balance.compute_plan()
-            wait(app, lambda: balance.plan is not None and balance.plan.get("status") == "proposed", 30)
+            balance.compute_button.click()
+            # As an operator: wait until the plan is shown and Approve can be clicked.
+            wait(app, lambda: balance.approve_button.isEnabled() and balance.compute_button.isEnabled(), 60)
             settle(app, 1)
             window.grab().save(str(out / "demo-plan.png"))
             if balance.plan and balance.plan.get("moves"):
-                balance.approve_plan()
+                balance.approve_button.click()
                 wait(app, lambda: (balance.plan or {}).get("status") in ("done", "failed"), 120)
                 settle(app, 3)
                 window.grab().save(str(out / "demo-plan-done.png"))

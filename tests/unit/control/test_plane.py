@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from cloudmon.collector.commands import CommandQueue
@@ -75,3 +76,37 @@ def test_settings_are_checked_and_kept(plane: ControlPlane) -> None:
         plane.put_settings({"automation": "sometimes"})
     assert plane.put_settings({"automation": "partial", "threshold": 2}).automation == "partial"
     assert plane.settings().threshold == 2
+
+
+def test_a_vm_another_loop_just_changed_stays_put_unless_it_must_move(store: TelemetryStore) -> None:
+    clock = Clock()
+    arbiter = Arbiter(clock, hold_s=600)
+    snap = SNAPSHOT
+
+    def source(model: ClusterModel, store: TelemetryStore, now: float, window: float) -> ClusterSnapshot:
+        return snap
+
+    plane = ControlPlane(
+        store, ClusterModel(), CommandQueue(clock), clock=clock, arbiter=arbiter, snapshot_source=source
+    )
+    try:
+        # The auto-scaler launched every VM on "busy" a minute ago (and let go of them).
+        for v in SNAPSHOT.vms:
+            assert arbiter.request("autoscale", v.name)
+            arbiter.release("autoscale", v.name)
+        held = plane.compute_plan({"threshold": 5})
+        assert held["moves"] == []
+        assert {r["vm"] for r in held["rejected"] if r["why"] == "hold"} == {v.name for v in SNAPSHOT.vms}
+        assert all("changed by autoscale" in r["detail"] for r in held["rejected"] if r["why"] == "hold")
+        # "busy" enters maintenance: its VMs must move, hold or not.
+        snap = ClusterSnapshot(
+            ts=0.0,
+            hosts=[Host(name="busy", cpu_cores=8, memory_mib=32768, maintenance=True), SNAPSHOT.hosts[1]],
+            # (lighter, so that all four fit on "idle" within its headroom)
+            vms=[msgspec.structs.replace(v, cpu_demand_cores=1.5) for v in SNAPSHOT.vms],
+        )
+        evacuation = plane.compute_plan({})
+        assert {m["vm"] for m in evacuation["moves"]} == {v.name for v in SNAPSHOT.vms}
+        assert all(m["mandatory"] for m in evacuation["moves"])
+    finally:
+        plane.close()
