@@ -229,8 +229,12 @@ class Agent:
         replay_batch: int = REPLAY_BATCH_MAX,
         replay_bytes: int = REPLAY_BYTES_MAX,
         executor: Executor | None = None,
+        whole_process: bool = False,
     ) -> None:
         self.config = config
+        #: The budget counts the whole process's CPU (the agent runs as its own
+        #: process); else, embedded in another program, only its own threads' work.
+        self._whole_process = whole_process
         self.node_id = resolve_node_id(config)
         self._collectors: list[Collector] = (
             list(collectors) if collectors is not None else default_collectors(collector_options(config))
@@ -411,6 +415,7 @@ class Agent:
         k = 0
         errors_logged: set[str] = set()
         budget = find_policy(self._collectors)
+        last_cpu: float | None = None
         while True:
             due = start + (k * interval if k else first)
             delay = due - time.monotonic()
@@ -421,8 +426,17 @@ class Agent:
                 t0 = time.thread_time()
                 self._push(encode(report))
                 if budget is not None:
-                    # Encoding and posting count against the budget too (the whole cycle).
-                    budget.record(REPORT_COST, max(0.0, (time.thread_time() - t0) * 1000.0))
+                    if not self._whole_process:
+                        # Embedded: encoding and posting (this thread) count against the budget.
+                        budget.record(REPORT_COST, max(0.0, (time.thread_time() - t0) * 1000.0))
+                    else:
+                        # Its own process: what this cycle cost beyond its collectors
+                        # (encoding, posting, the sender and command threads, GC) counts.
+                        now_cpu = time.process_time()
+                        if last_cpu is not None:
+                            overhead = (now_cpu - last_cpu) * 1000.0 - budget.last_cycle_ms
+                            budget.record(REPORT_COST, max(0.0, overhead))
+                        last_cpu = now_cpu
             except Exception as exc:  # worker loop: one bad cycle must not stop sampling
                 key = f"{type(exc).__name__}: {exc}"
                 if key not in errors_logged and len(errors_logged) < 50:  # once per distinct error

@@ -9,10 +9,14 @@ it feeds the costs to :class:`BudgetPolicy` and reports the budget, the
 expected cost and every throttled collector with its period
 (:class:`~cloudmon_agent.schema.BudgetStats`).  The agent calls collectors in
 list order, so the budget collector, last, sees every collector of the cycle.
-The budget covers the whole cycle: the agent also records what encoding and
-sending each report cost (:data:`REPORT_COST`, via :func:`find_policy`), a
-fixed cost that is never throttled but counts against the budget, so the
-collectors are throttled harder when posting is expensive.
+The budget covers the whole cycle: each cycle the agent also records, as
+:data:`REPORT_COST`, what it cost beyond its collectors.  Run as its own process
+(``cloudmon-agent``) that is the process's CPU of the cycle minus what its
+collectors took (:attr:`BudgetPolicy.last_cycle_ms`): encoding and sending the
+report, the sender and command threads, garbage collection; embedded in another
+program (the console's local agent) only encoding and posting on its own thread.  That cost is never throttled
+but counts against the budget, so the collectors are throttled harder when the
+rest of the agent costs more.
 
 The policy (pure logic, tested with fake costs): each collector's mean cost
 per run is the mean of its last ``window`` runs (a plain window, not an
@@ -73,6 +77,9 @@ class BudgetPolicy:
         self.mean_ms: dict[str, float] = {}
         self._wait = 0
         self._cycle = 0
+        #: Collector CPU recorded in the cycle being closed, and in the last closed one.
+        self._cycle_ms = 0.0
+        self.last_cycle_ms = 0.0
 
     def due(self, name: str) -> bool:
         """Whether ``name`` runs in the current cycle."""
@@ -81,6 +88,8 @@ class BudgetPolicy:
 
     def record(self, name: str, cost_ms: float) -> None:
         """Record the cost of one run of ``name``."""
+        if name != REPORT_COST:
+            self._cycle_ms += cost_ms
         runs = self._runs.get(name)
         if runs is None:
             runs = self._runs[name] = collections.deque(maxlen=self.window)
@@ -95,6 +104,7 @@ class BudgetPolicy:
     def end_cycle(self) -> str | None:
         """Close the cycle: maybe change one period.  Returns a description of the change, if any."""
         self._cycle += 1
+        self.last_cycle_ms, self._cycle_ms = self._cycle_ms, 0.0
         if self._wait > 0:
             self._wait -= 1
             return None

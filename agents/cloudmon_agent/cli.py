@@ -121,7 +121,7 @@ def _setup_logging(level: str) -> None:
 
 
 def _once(config: AgentConfig) -> int:
-    with Agent(config) as agent:
+    with Agent(config, whole_process=True) as agent:
         agent.prime()
         # The measuring window for rates, not a readiness wait.
         time.sleep(min(config.interval, 1.0))
@@ -132,7 +132,7 @@ def _once(config: AgentConfig) -> int:
 
 
 def _serve(config: AgentConfig) -> int:
-    agent = Agent(config)
+    agent = Agent(config, whole_process=True)
     # Everything allocated so far (modules, classes, the collectors) lives as long
     # as the process: move it out of the collector's reach, so the occasional
     # full collection walks only what the cycles allocate.  Only here, in the

@@ -195,6 +195,40 @@ def test_the_budget_counts_encoding_and_posting_each_report(
     assert policy.expected_ms() == pytest.approx(policy.mean_ms["host"] + policy.mean_ms[REPORT_COST])
 
 
+@pytest.mark.parametrize("whole_process", [True, False])
+def test_run_as_its_own_process_the_budget_counts_every_thread(
+    tmp_path: Path, sink: Sink, agents: list[Agent], whole_process: bool
+) -> None:
+    # Another thread of this process burns CPU: an agent that is its own process
+    # (cloudmon-agent) must count it; one embedded in a program (the console) must not.
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            sum(range(1000))
+
+    burner = threading.Thread(target=burn)
+    burner.start()
+    try:
+        policy = BudgetPolicy(50.0)
+        agent = Agent(
+            _cfg(tmp_path, sink.url),
+            collectors=apply_budget([HostCollector()], policy),
+            whole_process=whole_process,
+        )
+        agents.append(agent)
+        agent.start()
+        wait_until(lambda: len(sink.requests) >= 8, what="8 reports")
+        agent.close()
+    finally:
+        stop.set()
+        burner.join()
+    if whole_process:
+        assert policy.mean_ms[REPORT_COST] > 5.0  # most of each 20 ms cycle is the burner's
+    else:
+        assert policy.mean_ms[REPORT_COST] < 5.0
+
+
 def test_collector_down_logs_one_warning_and_keeps_sampling(
     tmp_path: Path, agents: list[Agent], caplog: pytest.LogCaptureFixture
 ) -> None:
