@@ -23,9 +23,12 @@ This search looks further:
 
 **Threshold.**  Every single move improves the objective by at least
 ``MIN_GAIN`` (the objective charges ``MIN_GAIN`` per VM moved).  A chain is taken
-as one step: its moves together must improve it by ``MIN_GAIN`` per move, though
-its make-room moves alone may not (vSphere DRS judges each move on its own; this
-planner lets a make-room move borrow from the move it enables).
+as one step: its make-room moves alone may not improve it (vSphere DRS judges
+each move on its own; this planner lets a make-room move borrow from the move it
+enables).  A chain that frees a host may even lose as a whole: it is judged
+with the moves its rollout makes after it, and the answer (a whole sequence)
+improves the objective by ``MIN_GAIN`` per move.  Steps whose removal leaves a
+valid, better sequence are dropped from the answer (:func:`_pruned`).
 """
 
 from __future__ import annotations
@@ -55,14 +58,18 @@ class Result:
 
 
 class _Search:
-    def __init__(self, p: _Planner, singles: int, chains: int) -> None:
+    def __init__(self, p: _Planner, singles: int, chains: int, losing: int = 6) -> None:
         st = p.st
         self.p = p
         self.st = st
         self.lam = p.min_gain
         self.singles = singles
         self.chains = chains
-        self.wanted = 3 * chains
+        # Blocked moves tried with an eviction: the ranking (the move, its best eviction and the best
+        # move into the host it leaves, interactions ignored) is rough, so well beyond ``chains``.
+        self.wanted = 6 * chains
+        # Chains that lose on their own, kept for the move into the host they free (see make_room).
+        self.losing = losing
         self.hosts = [h for h in range(len(st.hnames)) if st.active[h]]
         self.home: dict[int, int] = {}
         for ui, u in enumerate(st.units):
@@ -198,6 +205,8 @@ class _Search:
         st = self.st
         first = {(ui, t): d for d, ui, t in table}
         wanted: list[tuple[float, int, int]] = []
+        # Per unit: the best move into its home once it left (what its leaving makes possible).
+        fill: dict[int, float] = {}
         # The best way out for each unit, whether it fits there now or not (for ranking only).
         out_best: dict[int, float] = {}
         for d, ui, _t in table:
@@ -219,7 +228,7 @@ class _Search:
                         default=math.inf,
                     )
                     if ev < math.inf:
-                        wanted.append((d + ev, ui, t))
+                        wanted.append((d + ev + self._refill(ui, out_best, table, done, budget, fill), ui, t))
         # Where each unit could go now, best first (the last eviction of a chain).
         dest: dict[int, list[tuple[float, int]]] = {}
         out: list[tuple[float, list[Step]]] = []
@@ -239,8 +248,7 @@ class _Search:
                         self.apply([(uj, t2)])
                         if st.blocked(ui, t) is None:
                             total = first[uj, t2] + self.delta(ui, t)
-                            if total < -_EPS:
-                                out.append((total, [(uj, t2), (ui, t)]))
+                            out.append((total, [(uj, t2), (ui, t)]))
                         self.undo([(uj, t2)])
                     elif b[0] == "capacity" and self.size[uj] < left:
                         for uk in list(st.units_on[t2]):
@@ -261,19 +269,64 @@ class _Search:
                                 continue
                             steps = [(uk, t3), (uj, t2), (ui, t)]
                             total3 = self._sequence(steps)
-                            if total3 is not None and total3 < -_EPS:
+                            if total3 is not None:
                                 out.append((total3, steps))
         # Distinct chains, best first.
         out.sort(key=lambda x: x[0])
         seen: set[frozenset[Step]] = set()
         best: list[tuple[float, list[Step]]] = []
+        losing = 0
         for total, steps in out:
             key = frozenset(steps)
-            if key not in seen:
-                seen.add(key)
-                best.append((total, steps))
+            if key in seen or total >= -_EPS:
+                continue
+            seen.add(key)
+            best.append((total, steps))
             if len(best) >= self.chains:
                 break
+        # Chains that lose on their own but free a host the next move fills, ranked with that move.
+        hopeful = sorted(
+            ((total + fill.get(steps[-1][0], 0.0), total, steps) for total, steps in out if total >= -_EPS),
+            key=lambda x: x[0],
+        )
+        for est, total, steps in hopeful:
+            if losing >= self.losing or est >= -_EPS:
+                break
+            key = frozenset(steps)
+            if key in seen:
+                continue
+            seen.add(key)
+            best.append((total, steps))
+            losing += 1
+        return best
+
+    def _refill(
+        self,
+        ui: int,
+        out_best: dict[int, float],
+        table: list[tuple[float, int, int]],
+        done: set[int],
+        budget: int,
+        cache: dict[int, float],
+    ) -> float:
+        """The best objective change (at most 0) of a move into ``ui``'s home once ``ui`` left it."""
+        if ui in cache:
+            return cache[ui]
+        st = self.st
+        s = self.home[ui]
+        # Where ui would go does not matter much to the moves into s: its best target.
+        away = min((d, t) for d, u, t in table if u == ui)[1]
+        self.apply([(ui, away)])
+        best = 0.0
+        left = budget - self.size[ui]
+        for uk, h in self.home.items():
+            if uk == ui or uk in done or h == s or self.size[uk] > left:
+                continue
+            d = self.delta(uk, s)
+            if d < best and st.blocked(uk, s) is None:
+                best = d
+        self.undo([(ui, away)])
+        cache[ui] = best
         return best
 
     def _fits(self, h: int, leaving: int, coming: int) -> bool:
@@ -352,6 +405,25 @@ def search(
                 if value < best.delta - _EPS:
                     best = Result(path + r_steps, value)
             s.undo(steps)
+    best.steps, best.delta = _pruned(s, best.steps, best.delta)
     best.rollouts = s.rollouts
     best.work = s.work
     return best
+
+
+def _pruned(s: _Search, steps: list[Step], delta: float) -> tuple[list[Step], float]:
+    """``steps`` less any step whose removal leaves a valid sequence with a better objective.
+
+    A chain kept for what it frees may end up in the answer without the moves it
+    freed room for; it then only costs moves.
+    """
+    improved = True
+    while improved:
+        improved = False
+        for i in range(len(steps)):
+            rest = steps[:i] + steps[i + 1 :]
+            d = s._sequence(rest)
+            if d is not None and d < delta - _EPS:
+                steps, delta, improved = rest, d, True
+                break
+    return steps, delta

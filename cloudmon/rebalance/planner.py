@@ -36,7 +36,9 @@ rollouts over move sequences (:mod:`cloudmon.rebalance._beam`, up to
 ``_BEAM_MAX_PAIRS`` (unit, host) pairs), the best of them by the objective.
 The beam search finds *chains*: a move that frees room (and may lose on its
 own) followed by the moves it makes possible.  Such a chain is judged as one
-step: together its moves must improve ``n·σ²`` by ``MIN_GAIN`` per move.
+step: together its moves must improve ``n·σ²`` by ``MIN_GAIN`` per move, or,
+when it frees a host (a big VM leaving a host above its headroom), together
+with the moves into that host after it.
 ``auto`` takes ``exact`` when OR-Tools is installed and the cluster has at most
 ``exact_max_pairs`` (VM, host) pairs, and says in ``Plan.notes`` when it fell back.
 
