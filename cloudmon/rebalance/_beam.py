@@ -355,14 +355,20 @@ class _Search:
 
 
 def search(
-    p: _Planner, width: int = 8, singles: int = 8, chains: int = 6, max_work: int = 1_000_000
+    p: _Planner,
+    width: int = 8,
+    singles: int = 8,
+    chains: int = 6,
+    max_work: int = 1_000_000,
+    losing: int = 6,
 ) -> Result:
     """Best move sequence from ``p``'s current placement within its move budget (see the module doc).
 
     ``max_work`` bounds the moves scored (about a microsecond each): once passed, no
-    more states are expanded and the best sequence so far is the answer.
+    more states are expanded and the best sequence so far is the answer.  ``losing``:
+    make-room chains kept per state that lose on their own (see :meth:`_Search.make_room`).
     """
-    s = _Search(p, singles, chains)
+    s = _Search(p, singles, chains, losing)
     budget = p.budget_left()
     root_total, root_roll = s.rollout(set(), budget)
     best = Result(root_roll, root_total)
