@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from datetime import UTC, datetime
 
 import msgspec
@@ -459,4 +461,4 @@ def test_a_metric_hovering_at_the_band_edge_does_not_flood_the_activity_history(
     assert len(quiet) <= 2 * (600 // 60 + 1)
     for code in ("within_tolerance", "stabilizing"):
         times = [t for t, c in quiet if c == code]
-        assert all(b - a >= 60 for a, b in zip(times, times[1:], strict=False))
+        assert all(b - a >= 60 for a, b in itertools.pairwise(times))
