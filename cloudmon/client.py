@@ -116,7 +116,9 @@ class ApiClient:
                 data = resp.read()
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                stale = isinstance(exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError))
+                stale = isinstance(
+                    exc, (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
+                )
                 if attempt == 1 and stale:
                     continue
                 raise CollectorUnreachable(self.url, str(exc) or type(exc).__name__) from None

@@ -105,7 +105,9 @@ class AddNodeDialog(QDialog):
             self,
         )
         intro.setWordWrap(True)
-        step1 = QLabel("1.  Install the agent on the node, from a cloudmon checkout (psutil + msgspec only):", self)
+        step1 = QLabel(
+            "1.  Install the agent on the node, from a cloudmon checkout (psutil + msgspec only):", self
+        )
         self.install_field = CopyField(AGENT_INSTALL, self)
         step2 = QLabel("2.  Start it, pointing at this collector:", self)
         self.command_field = CopyField(agent_command(url, token), self)
