@@ -644,7 +644,9 @@ class ControlPlane:
         if held:
             # A pinned VM never moves, not even when it must: keep those free.
             evacuating = {h.name for h in snap.hosts if h.maintenance}
-            must = {m.vm for m in plan(snap, settings).moves if m.mandatory}
+            # Threshold 1 plans only the mandatory moves (and fast: no balancing search).
+            mandatory_only = msgspec.structs.replace(settings, threshold=1)
+            must = {m.vm for m in plan(snap, mandatory_only).moves if m.mandatory}
             must |= {v.name for v in snap.vms if v.host in evacuating}
             held = {vm: why for vm, why in held.items() if vm not in must}
         for _ in range(4):
