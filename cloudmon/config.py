@@ -76,6 +76,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     #: Seconds between two rebalancing recommendations (run by themselves under
     #: partial/full automation).
     plan_every_s: float = 60.0
+    #: Programs auto-scaling groups may run through the ``command`` provider (exact
+    #: paths as the group names them).  Empty: the command provider is refused.
+    command_allow: list[str] = []
 
     def __post_init__(self) -> None:
         if not 0 <= self.listen_port <= 65535:
@@ -129,12 +132,16 @@ def default_config_file() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "cloudmon.toml"
 
 
+_LIST_FIELDS: Final = frozenset({"command_allow"})
+
+
 def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in Config.__struct_fields__:
         raw = environ.get(ENV_PREFIX + name.upper())
         if raw is not None:
-            out[name] = raw
+            # List settings (command_allow) come as comma-separated values.
+            out[name] = [v.strip() for v in raw.split(",") if v.strip()] if name in _LIST_FIELDS else raw
     return out
 
 

@@ -285,6 +285,7 @@ class Collector:
                 plan_every_s=self._config.plan_every_s,
                 providers=self._providers,
                 forget_node=self._forget_soon,
+                command_allow=tuple(self._config.command_allow),
             )
             self.control.start()
         log.info("collector listening on %s (store %s)", self.url, redact_url(self._config.store_url))

@@ -172,6 +172,7 @@ class ControlPlane:
         arbiter: Arbiter | None = None,
         snapshot_source: SnapshotSource = _live_snapshot,
         forget_node: Callable[[str], None] | None = None,
+        command_allow: tuple[str, ...] = (),
     ) -> None:
         self._store = store
         self._model = model
@@ -184,6 +185,8 @@ class ControlPlane:
         self._snapshot_source = snapshot_source
         #: Drops a node from the live model, on the model's own thread (the collector's loop).
         self._forget_node = forget_node
+        #: Programs the command provider may run (the collector's ``command_allow``).
+        self._command_allow = frozenset(command_allow)
         self._fixed_providers: dict[str, Provider] = dict(providers or {})
         self._providers: dict[str, Provider] = {}
         self._lock = threading.RLock()
@@ -335,7 +338,26 @@ class ControlPlane:
             raise ProviderError(
                 "provider 'simulated' exists only inside 'cloudmon demo'; use libvirt, agent or command here"
             )
+        if name == "command":
+            self._check_commands(options)
         return open_provider(name, options)
+
+    def _check_commands(self, options: Mapping[str, Any]) -> None:
+        """A group may run only the programs the collector's operator allowed: anyone with
+        the API token can write a group, and must not be able to run anything on this host."""
+        import shlex
+
+        for key in ("create", "delete", "describe"):
+            argv = options.get(key)
+            if argv is None:
+                continue
+            words = shlex.split(argv) if isinstance(argv, str) else list(argv)
+            program = str(words[0]) if words else ""
+            if program not in self._command_allow:
+                raise ProviderError(
+                    f"the command provider may not run {program!r} ({key}): add it to command_allow "
+                    "in the collector's cloudmon.toml (or CLOUDMON_COMMAND_ALLOW) to allow it"
+                )
 
     def _node_for_host(self, host: str) -> str | None:
         """The node id of the agent on ``host`` (matched on node id, then hostname)."""

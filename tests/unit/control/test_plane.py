@@ -110,3 +110,33 @@ def test_a_vm_another_loop_just_changed_stays_put_unless_it_must_move(store: Tel
         assert all(m["mandatory"] for m in evacuation["moves"])
     finally:
         plane.close()
+
+
+def test_the_command_provider_runs_only_programs_the_operator_allowed(store: TelemetryStore) -> None:
+    from cloudmon.autoscale.model import LaunchTemplate
+    from cloudmon.providers.base import ProviderError
+
+    clock = Clock()
+    plane = ControlPlane(store, ClusterModel(), CommandQueue(clock), clock=clock, command_allow=("/bin/sh",))
+    try:
+        allowed = LaunchTemplate(
+            provider="command", params={"create": ["/bin/sh", "-c", "echo i-1"], "delete": "/bin/sh -c true"}
+        )
+        assert plane._provider_for(allowed).name == "command"
+        other = LaunchTemplate(
+            provider="command", params={"create": "/usr/bin/python3 -c 1", "delete": ["/bin/sh"]}
+        )
+        with pytest.raises(ProviderError, match="command_allow") as err:
+            plane._provider_for(other)
+        assert "/usr/bin/python3" in str(err.value)
+    finally:
+        plane.close()
+
+
+def test_command_allow_comes_from_the_environment_as_a_list(tmp_path: Path) -> None:
+    from cloudmon.config import load_config
+
+    empty = tmp_path / "cloudmon.toml"  # never the user's own config
+    empty.write_text("", encoding="utf-8")
+    config = load_config(empty, environ={"CLOUDMON_COMMAND_ALLOW": "/bin/sh, /usr/local/bin/mycloud"})
+    assert config.command_allow == ["/bin/sh", "/usr/local/bin/mycloud"]
