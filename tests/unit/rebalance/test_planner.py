@@ -180,7 +180,9 @@ def test_without_ortools_auto_falls_back_and_says_so() -> None:
         assert any("exact" in n for n in p.notes)
 
 
-@pytest.mark.parametrize("seed", range(5))
+# Seeds where CP-SAT proves the optimum in 1-3 s here (on seeds 4, 6 and 7 the best
+# placement cannot be reached in 3 moves and no proof is claimed).
+@pytest.mark.parametrize("seed", [0, 1, 2, 3, 5])
 def test_heuristic_matches_the_proven_optimum_on_tiny_clusters(seed: int) -> None:
     pytest.importorskip("ortools")
     snap = random_snapshot(seed, 4, 10)
@@ -188,8 +190,7 @@ def test_heuristic_matches_the_proven_optimum_on_tiny_clusters(seed: int) -> Non
     h = plan(snap, msgspec.structs.replace(s, solver="heuristic"))
     e = plan(snap, msgspec.structs.replace(s, solver="exact"))
     replay(snap, e, s)
-    if not any("proved" in n for n in e.notes):
-        pytest.skip("CP-SAT did not prove optimality within the budget on this machine")
+    assert any("proved" in n for n in e.notes), e.notes
     # The exact plan starts from the heuristic's answer, so it is never worse.
     assert e.imbalance_after <= h.imbalance_after + 1e-9
     dh = h.imbalance_before - h.imbalance_after
