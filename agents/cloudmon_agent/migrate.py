@@ -99,6 +99,12 @@ def migrate_vm(
     """
     import libvirt as lv
 
+    from cloudmon_agent.vmops import VmOpError, check_uri
+
+    try:
+        check_uri(dest_uri)
+    except VmOpError as exc:
+        raise MigrationError(str(exc)) from None
     if timeout_s <= 0:
         raise MigrationError(f"no time left to migrate {name} (timeout {timeout_s:g} s)")
     try:

@@ -54,6 +54,25 @@ class VmOpError(Exception):
     """A VM operation failed; the text says which VM, what failed and what to do."""
 
 
+def check_uri(uri: str) -> str:
+    """Refuse libvirt URIs that make the client run a program or reach through one.
+
+    libvirt's ``ext`` transport runs ``?command=``; ``?netcat=`` and ``?proxy=`` pick
+    the program run on the far side.  A URI comes from the collector's users (group
+    templates, migration destinations), so none of these is taken: configure such
+    transports in libvirt's own client config instead.  Returns ``uri``.
+    """
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(uri)
+    if "+ext" in parts.scheme or {"command", "netcat", "proxy"} & set(parse_qs(parts.query)):
+        raise VmOpError(
+            f"libvirt URI {uri!r} would run a program (ext transport, command=, netcat= or proxy=); "
+            "use qemu+tls://, qemu+tcp:// or a plain qemu+ssh:// URI"
+        )
+    return uri
+
+
 class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
     """What :func:`create_vm` builds.
 

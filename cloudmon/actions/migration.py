@@ -355,8 +355,19 @@ class PlanExecutor:
             )
 
 
+#: Event fields an agent's figures must not overwrite (or collide with as keyword arguments).
+_RESERVED: Final = frozenset(
+    {"kind", "ts", "loop", "reason", "vm", "source", "target", "wave", "mandatory", "phase", "plan_id", "id"}
+)
+
+
 def _numbers(detail: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in detail.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    """The numeric figures of an agent's progress or result, minus names the event itself uses."""
+    return {
+        k: float(v)
+        for k, v in detail.items()
+        if k not in _RESERVED and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 __all__ = ["ExecutionReport", "MoveLike", "MoveOutcome", "PlanExecutor"]

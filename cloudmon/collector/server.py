@@ -383,6 +383,8 @@ class Collector:
             return await handler(request)
         except web.HTTPException as exc:
             return self._http_exception(request, exc)
+        except _Rejected as exc:  # a bad parameter or body outside the ingest path
+            return _error(400, exc.message)
         except Exception:
             log.exception("unexpected error serving %s %s", request.method, request.path)
             return _error(500, "internal error in the collector (see its log)")

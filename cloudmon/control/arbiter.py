@@ -111,6 +111,10 @@ class Arbiter:
         """
         with self._lock:
             now = self._clock()
+            if self._claims.get(subject) == loop:
+                # The same change asked for again (a retried delete): counted once only,
+                # or a failing retry would spend the budget every other loop shares.
+                return Grant(True, f"{subject} is already being changed by {loop}")
             refused = self._refusal(now, loop, subject, target, mandatory)
             if refused is not None:
                 return refused

@@ -43,8 +43,9 @@ from cloudmon.collector.commands import CommandQueue
 from cloudmon.control.arbiter import Arbiter
 from cloudmon.lb.base import DrainOutcome
 from cloudmon.lb.drain import TimeoutDrainer
+from cloudmon.lb.haproxy import LbError
 from cloudmon.lb.service import DOCUMENT_KIND as SERVICE_GROUP_DOC
-from cloudmon.lb.service import LoadBalancerService, ServiceGroup, load_groups, save_group
+from cloudmon.lb.service import LoadBalancerService, ServiceGroup, load_groups, open_runtime, save_group
 from cloudmon.model.cluster import RETIRED_DOC, ClusterModel
 from cloudmon.providers import open_provider
 from cloudmon.providers.base import Provider, ProviderError
@@ -261,9 +262,11 @@ class ControlPlane:
         if self._exec_thread is not None:
             self._exec_thread.join()
         self._drain_inbox()
-        self.autoscale.close()
+        # The load balancer first: closing it cancels drains that the auto-scaler's
+        # drain workers would otherwise wait out (up to the deregistration delay).
         if self.lb is not None:
             self.lb.close()
+        self.autoscale.close()
         for p in self._providers.values():
             try:
                 p.close()
@@ -340,6 +343,15 @@ class ControlPlane:
             )
         if name == "command":
             self._check_commands(options)
+        if name == "libvirt":
+            from cloudmon_agent.vmops import VmOpError, check_uri
+
+            uris = options.get("hosts")
+            for uri in uris.values() if isinstance(uris, dict) else ():
+                try:
+                    check_uri(str(uri))
+                except VmOpError as exc:
+                    raise ProviderError(str(exc)) from None
         return open_provider(name, options)
 
     def _check_commands(self, options: Mapping[str, Any]) -> None:
@@ -347,16 +359,23 @@ class ControlPlane:
         the API token can write a group, and must not be able to run anything on this host."""
         import shlex
 
+        for key in ("env", "cwd"):
+            if key in options:
+                # BASH_ENV, LD_PRELOAD, PATH... would run anything under an allowed program.
+                raise ProviderError(
+                    f"the command provider's {key!r} cannot come from a group document: set it in "
+                    "the allowed program itself (a wrapper script)"
+                )
         for key in ("create", "delete", "describe"):
             argv = options.get(key)
             if argv is None:
                 continue
             words = shlex.split(argv) if isinstance(argv, str) else list(argv)
             program = str(words[0]) if words else ""
-            if program not in self._command_allow:
+            if not program.startswith("/") or program not in self._command_allow:
                 raise ProviderError(
-                    f"the command provider may not run {program!r} ({key}): add it to command_allow "
-                    "in the collector's cloudmon.toml (or CLOUDMON_COMMAND_ALLOW) to allow it"
+                    f"the command provider may not run {program!r} ({key}): add its absolute path to "
+                    "command_allow in the collector's cloudmon.toml (or CLOUDMON_COMMAND_ALLOW) to allow it"
                 )
 
     def _node_for_host(self, host: str) -> str | None:
@@ -465,7 +484,14 @@ class ControlPlane:
             old, self.lb = self.lb, None
             if old is not None:
                 old.close()
-            groups = load_groups(self._store)
+            groups = []
+            for g in load_groups(self._store):
+                try:
+                    open_runtime(g)
+                except LbError as exc:
+                    log.warning("service group %s left out: %s", g.name, exc)
+                    continue
+                groups.append(g)
             self.lb = LoadBalancerService(groups, on_event=self._append_event) if groups else None
             self._lb_key = key
         if self.lb is not None:
@@ -495,10 +521,16 @@ class ControlPlane:
             raise ControlError("the service group must be a JSON object")
         body = dict(doc)
         body.setdefault("name", name)
+        if body["name"] != name:
+            raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
         try:
             group = ServiceGroup.from_document(body)
+            # The runtime address must at least parse (it is dialled on every tick).
+            open_runtime(group)
         except ValueError as exc:
             raise ControlError(str(exc)) from None
+        except LbError as exc:
+            raise ControlError(f"runtime: {exc}") from None
         save_group(self._store, group)
         return group.to_document()
 

@@ -127,3 +127,15 @@ def test_check_answers_like_request_but_changes_nothing() -> None:
     assert arb.check("rebalance", "vm-2").code == "budget"
     assert arb.check("autoscale", "i-1").code == "budget"  # the owner too: the budget is shared
     assert arb.check("rebalance", "i-1").code == "claimed"
+
+
+def test_a_retried_change_under_the_same_claim_is_counted_once() -> None:
+    clock = Clock()
+    arb = Arbiter(clock, budget=3, window_s=300, hold_s=0)
+    for _ in range(10):  # an unhealthy instance whose delete keeps failing
+        assert arb.request("autoscale", "i-bad", mandatory=True)
+    assert arb.used() == 1
+    assert arb.request("rebalance", "vm-1")
+    arb.release("autoscale", "i-bad")
+    assert arb.request("autoscale", "i-bad", mandatory=True)
+    assert arb.used() == 3

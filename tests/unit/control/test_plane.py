@@ -112,23 +112,34 @@ def test_a_vm_another_loop_just_changed_stays_put_unless_it_must_move(store: Tel
         plane.close()
 
 
-def test_the_command_provider_runs_only_programs_the_operator_allowed(store: TelemetryStore) -> None:
+def test_the_command_provider_runs_only_programs_the_operator_allowed(
+    store: TelemetryStore, tmp_path: Path
+) -> None:
     from cloudmon.autoscale.model import LaunchTemplate
     from cloudmon.providers.base import ProviderError
 
+    script = tmp_path / "mycloud"
+    script.write_text("#!/bin/sh\ncat >/dev/null; echo i-1\n", encoding="utf-8")
+    script.chmod(0o755)
     clock = Clock()
-    plane = ControlPlane(store, ClusterModel(), CommandQueue(clock), clock=clock, command_allow=("/bin/sh",))
+    plane = ControlPlane(
+        store, ClusterModel(), CommandQueue(clock), clock=clock, command_allow=(str(script),)
+    )
     try:
         allowed = LaunchTemplate(
-            provider="command", params={"create": ["/bin/sh", "-c", "echo i-1"], "delete": "/bin/sh -c true"}
+            provider="command", params={"create": [str(script), "create"], "delete": f"{script} rm"}
         )
         assert plane._provider_for(allowed).name == "command"
-        other = LaunchTemplate(
-            provider="command", params={"create": "/usr/bin/python3 -c 1", "delete": ["/bin/sh"]}
-        )
-        with pytest.raises(ProviderError, match="command_allow") as err:
-            plane._provider_for(other)
-        assert "/usr/bin/python3" in str(err.value)
+        for params, what in (
+            ({"create": "/usr/bin/python3 -c 1", "delete": [str(script)]}, "/usr/bin/python3"),
+            ({"create": ["mycloud"], "delete": [str(script)]}, "'mycloud'"),  # relative: found on PATH
+            # An allowed program with the caller's environment would run anything (BASH_ENV, LD_PRELOAD).
+            ({"create": [str(script)], "delete": [str(script)], "env": {"BASH_ENV": "$(id)"}}, "'env'"),
+            ({"create": [str(script)], "delete": [str(script)], "cwd": "/"}, "'cwd'"),
+        ):
+            with pytest.raises(ProviderError) as err:
+                plane._provider_for(LaunchTemplate(provider="command", params=params))
+            assert what in str(err.value)
     finally:
         plane.close()
 
@@ -140,3 +151,20 @@ def test_command_allow_comes_from_the_environment_as_a_list(tmp_path: Path) -> N
     empty.write_text("", encoding="utf-8")
     config = load_config(empty, environ={"CLOUDMON_COMMAND_ALLOW": "/bin/sh, /usr/local/bin/mycloud"})
     assert config.command_allow == ["/bin/sh", "/usr/local/bin/mycloud"]
+
+
+def test_libvirt_uris_that_run_programs_are_refused(store: TelemetryStore) -> None:
+    from cloudmon.autoscale.model import LaunchTemplate
+    from cloudmon.providers.base import ProviderError
+
+    clock = Clock()
+    plane = ControlPlane(store, ClusterModel(), CommandQueue(clock), clock=clock)
+    try:
+        for uri in ("qemu+ext:///system?command=/tmp/evil", "qemu+ssh://h/system?netcat=/tmp/evil"):
+            template = LaunchTemplate(
+                provider="libvirt", params={"hosts": {"h": uri}, "template_xml": "/x.xml"}
+            )
+            with pytest.raises(ProviderError, match="would run a program"):
+                plane._provider_for(template)
+    finally:
+        plane.close()
