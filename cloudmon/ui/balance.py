@@ -43,7 +43,16 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from cloudmon.ui.polling import PAGE_STYLE, PollingPage, as_float, clock_time, make_item, make_table, number
+from cloudmon.ui.polling import (
+    PAGE_STYLE,
+    PollingPage,
+    as_float,
+    clock_time,
+    esc,
+    make_item,
+    make_table,
+    number,
+)
 from cloudmon.ui.workers import Reply
 
 logger = logging.getLogger(__name__)
@@ -632,17 +641,17 @@ class BalancePage(PollingPage):
         before, after = as_float(plan.get("imbalance_before")), as_float(plan.get("imbalance_after"))
         colour = STATUS_COLOURS.get(status, "#3c4048")
         parts = [
-            f"<b>Plan {plan.get('id', '')}</b>",
-            f"<span style='color:{colour}; font-weight:bold'>{status}</span>",
+            f"<b>Plan {esc(plan.get('id', ''))}</b>",
+            f"<span style='color:{colour}; font-weight:bold'>{esc(status)}</span>",
             f"{len(moves)} move{'s' if len(moves) != 1 else ''}",
         ]
         if before is not None and after is not None:
             parts.append(f"imbalance <b>{number(before)} → {number(after)}</b>")
         off = [str(h) for h in plan.get("power_off") or []]
         if off:
-            parts.append(f"power off: {', '.join(off)}")
+            parts.append(f"power off: {esc(', '.join(off))}")
         if plan.get("solver"):
-            parts.append(f"<span style='color:#80858f'>solver {plan['solver']}</span>")
+            parts.append(f"<span style='color:#80858f'>solver {esc(plan['solver'])}</span>")
         if as_float(plan.get("created")) is not None:
             parts.append(
                 f"<span style='color:#80858f'>computed {clock_time(plan['created'], self._clock())}</span>"
@@ -652,8 +661,8 @@ class BalancePage(PollingPage):
         notes = [str(n) for n in plan.get("notes") or []]
         if plan.get("message"):
             notes.insert(0, str(plan["message"]))
-        lines = [f"<span style='color:#b3261e'><b>Not fixed:</b> {u}</span>" for u in unresolved]
-        lines += [f"<span style='color:#5f6673'>{n}</span>" for n in notes]
+        lines = [f"<span style='color:#b3261e'><b>Not fixed:</b> {esc(u)}</span>" for u in unresolved]
+        lines += [f"<span style='color:#5f6673'>{esc(n)}</span>" for n in notes]
         self.plan_notes.setText("<br>".join(lines))
         self.plan_notes.setVisible(bool(lines))
         if not moves:
@@ -788,11 +797,11 @@ class BalancePage(PollingPage):
         }.get(state, state)
         if current and state == "running":
             text += (
-                f": moving <b>{current.get('vm')}</b> {current.get('source')} → {current.get('target')}"
+                f": moving <b>{esc(current.get('vm'))}</b> {esc(current.get('source'))} → {esc(current.get('target'))}"
                 f" ({number(as_float(current.get('percent')) or 0)} %)"
             )
         if execution.get("message"):
-            text += f" — {execution['message']}"
+            text += f" — {esc(execution['message'])}"
         colour = "#b3261e" if state == "failed" else "#3c4048"
         self.execution_label.setText(f"<span style='color:{colour}'>{text}</span>")
         self.progress.setProperty("state", state)

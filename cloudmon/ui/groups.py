@@ -43,6 +43,7 @@ from cloudmon.ui.polling import (
     as_float,
     clock_time,
     empty_state,
+    esc,
     make_item,
     make_table,
     number,
@@ -435,7 +436,7 @@ class GroupsPage(PollingPage):
             assert isinstance(tmpl, dict)
             what = f"{tmpl.get('provider', '?')} · {tmpl.get('vcpus', '?')} vCPU · {tmpl.get('memory_mib', '?')} MiB"
             self.instances_title.setText(
-                f"Instances of <b>{self.selected}</b>  <span style='color:#5f6673'>({what})</span>"
+                f"Instances of <b>{esc(self.selected)}</b>  <span style='color:#5f6673'>({esc(what)})</span>"
             )
 
     def apply_activity(self, data: dict[str, Any]) -> None:
@@ -464,7 +465,7 @@ class GroupsPage(PollingPage):
                 self.activity.setItem(row, col, item)
         n = len(events)
         self.activity_title.setText(
-            f"Activity history of <b>{self.selected}</b>  <span style='color:#5f6673'>"
+            f"Activity history of <b>{esc(self.selected)}</b>  <span style='color:#5f6673'>"
             f"({n} event{'s' if n != 1 else ''}, newest first)</span>"
             if self.selected
             else "Activity history"
@@ -496,7 +497,7 @@ class GroupsPage(PollingPage):
         self.selected = str(name)
         self.events = []
         self.activity.setRowCount(0)
-        self.activity_title.setText(f"Activity history of <b>{self.selected}</b>  (loading…)")
+        self.activity_title.setText(f"Activity history of <b>{esc(self.selected)}</b>  (loading…)")
         self._fill_instances()
         self._update_buttons()
         self._poll_activity()
@@ -561,7 +562,7 @@ class GroupsPage(PollingPage):
         box = QMessageBox(self)
         box.setIcon(QMessageBox.Icon.Warning)
         box.setWindowTitle("Delete group")
-        box.setText(f"Delete the group <b>{name}</b>?")
+        box.setText(f"Delete the group <b>{esc(name)}</b>?")
         box.setInformativeText(
             f"It has {n} instance{'s' if n != 1 else ''}. Without <i>force</i>, the collector refuses to delete "
             "a group that still has instances: set its max size to 0 first and let it scale in."

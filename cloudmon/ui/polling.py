@@ -10,6 +10,7 @@ queued into the GUI thread and only the newest per key reaches
 
 from __future__ import annotations
 
+import html
 import math
 import time
 from collections.abc import Callable
@@ -263,3 +264,8 @@ def make_item(
         f.setBold(True)
         item.setFont(f)
     return item
+
+
+def esc(value: object) -> str:
+    """``value`` as text safe inside a rich-text label (names come from agents and operators)."""
+    return html.escape(str(value), quote=False)

@@ -131,6 +131,17 @@ def test_running_plan_disables_buttons_and_shows_progress(page: BalancePage) -> 
     assert "Stopped: a move failed — web-91c2 is not running on node-03" in page.execution_label.text()
 
 
+def test_names_from_agents_are_shown_as_text_not_markup(page: BalancePage) -> None:
+    answer = sample_data.balance_answer(NOW, executing=True)
+    answer["execution"]["current"]["vm"] = "<img src=x>web"
+    answer["execution"]["message"] = "<b>bold</b> claim"
+    page.apply_balance(answer)
+    text = page.execution_label.text()
+    assert "&lt;img src=x&gt;web" in text
+    assert "&lt;b&gt;bold&lt;/b&gt; claim" in text
+    assert "<img" not in text
+
+
 def test_empty_states(page: BalancePage) -> None:
     page.apply_balance(sample_data.balance_answer(NOW, with_plan=False))
     assert page.plan_stack.currentIndex() == 0
