@@ -213,8 +213,11 @@ class Executor:
         queue_max: int = QUEUE_MAX,
         clock: Callable[[], float] = time.time,
         open_conn: Callable[[], Any] | None = None,
+        image_dirs: Iterable[str] = (),
     ) -> None:
         self.allowed = _check_allow(allow_actions)
+        #: Where ``vm.create`` may read images/templates/kernels and write overlays.
+        self.image_dirs = tuple(os.path.realpath(d) for d in image_dirs)
         self._uri = libvirt_uri
         self._open_conn = open_conn
         self._clock = clock
@@ -390,9 +393,21 @@ class Executor:
             if isinstance(params, MigrateParams):
                 return self._migrate(cmd, conn, params, left)
             if isinstance(params, CreateParams):
+                self._check_paths(params)
                 spec = vmops.VmSpec(**msgspec.structs.asdict(params))
                 uuid = vmops.create_vm(conn, spec)
                 return {"vm": params.name, "uuid": uuid, "state": vmops.vm_state(conn, params.name)}
+            # Only VMs cloudmon made: the collector's token must not stop or delete others.
+            if (
+                isinstance(params, (StopParams, VmRef))
+                and cmd.action in ("vm.stop", "vm.delete")
+                and vmops.vm_state(conn, params.vm) != vmops.MISSING
+                and vmops.domain_meta(conn, params.vm) is None
+            ):
+                raise _ActionFailed(
+                    f"VM {params.vm!r} was not created by cloudmon: this agent stops and deletes "
+                    "only the VMs cloudmon created"
+                )
             if isinstance(params, StopParams):
                 vmops.stop_vm(conn, params.vm, min(params.timeout_s, left), force=params.force)
             elif isinstance(params, VmRef):
@@ -410,6 +425,20 @@ class Executor:
         except self._libvirt_error() as exc:
             self._check_conn()
             raise _ActionFailed(f"{cmd.action} failed: {_libvirt_text(exc)}") from None
+
+    def _check_paths(self, p: CreateParams) -> None:
+        """Every file path of a ``vm.create`` must lie under one of the agent's ``image_dirs``."""
+        for field in ("base_image", "overlay_dir", "template_xml", "kernel", "initrd"):
+            value = getattr(p, field)
+            if value is None:
+                continue
+            real = os.path.realpath(value)
+            if not any(real == d or real.startswith(d + os.sep) for d in self.image_dirs):
+                raise _ActionFailed(
+                    f"vm.create: {field} {value!r} is outside this agent's image_dirs "
+                    f"({', '.join(self.image_dirs) or 'none set'}); add its directory to image_dirs "
+                    "in agent.toml (or CLOUDMON_IMAGE_DIRS)"
+                )
 
     def _migrate(self, cmd: Command, conn: Any, p: MigrateParams, left: float) -> dict[str, Any]:
         from cloudmon_agent.migrate import MigrationError, migrate_vm

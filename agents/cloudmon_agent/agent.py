@@ -497,7 +497,10 @@ class Agent:
         if self._executor is None:
             try:
                 self._executor = Executor(
-                    self.config.allow_actions, self.config.libvirt_uri, self.config.state_path
+                    self.config.allow_actions,
+                    self.config.libvirt_uri,
+                    self.config.state_path,
+                    image_dirs=self.config.image_dirs,
                 )
             except OSError as exc:
                 raise ConfigError(f"state_dir: {exc}") from None

@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
         "vm.stop, vm.delete, vm.migrate, vm.state (default: none, every command is refused)",
     )
     a.add_argument(
+        "--image-dirs",
+        metavar="LIST",
+        help="comma-separated directories vm.create may take images, templates and kernels from "
+        "and put overlays in (default: none)",
+    )
+    a.add_argument(
         "--migrate-uri",
         metavar="URI",
         help="libvirt URI other hosts reach this host's libvirtd at, for live migrations to it "
@@ -194,6 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "budget_ms": args.budget_ms,
                 "allow_actions": args.allow_actions,
                 "migrate_uri": args.migrate_uri,
+                "image_dirs": args.image_dirs,
             },
         )
     except ConfigError as exc:

@@ -182,6 +182,16 @@ def _check_allow_actions(v: object) -> tuple[str, ...]:
     return names
 
 
+def _check_image_dirs(v: object) -> tuple[str, ...]:
+    if not isinstance(v, (tuple, list)) or not all(isinstance(d, str) for d in v):
+        raise ValueError(f"must be a list of directories, got {v!r}")
+    dirs = tuple(dict.fromkeys(d.strip() for d in v if d.strip()))
+    relative = [d for d in dirs if not d.startswith("/")]
+    if relative:
+        raise ValueError(f"must be absolute paths, got {', '.join(relative)}")
+    return dirs
+
+
 def _check_migrate_uri(v: str) -> str:
     if not v.strip():
         return ""
@@ -259,6 +269,9 @@ class AgentConfig:
     #: The libvirt URI other hosts use to reach this host's libvirtd (advertised in
     #: every report; live migrations to this host go there), e.g. ``qemu+tcp://10.0.0.7/system``.
     migrate_uri: str = ""
+    #: Directories ``vm.create`` may take images, templates, kernels and overlays from
+    #: (absolute paths); empty: ``vm.create`` refuses any file path.
+    image_dirs: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
@@ -306,6 +319,7 @@ _CHECKS: Final[dict[str, Callable[[Any], Any]]] = {
     "budget_ms": _check_budget_ms,
     "allow_actions": _check_allow_actions,
     "migrate_uri": _check_migrate_uri,
+    "image_dirs": _check_image_dirs,
 }
 
 
@@ -337,6 +351,7 @@ SETTINGS: Final[dict[str, tuple[type, str]]] = {
     "budget_ms": (float, "CLOUDMON_BUDGET_MS"),
     "allow_actions": (_Names, "CLOUDMON_ALLOW_ACTIONS"),
     "migrate_uri": (str, "CLOUDMON_MIGRATE_URI"),
+    "image_dirs": (_Names, "CLOUDMON_IMAGE_DIRS"),
 }
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})

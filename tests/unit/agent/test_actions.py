@@ -71,6 +71,39 @@ def test_lifecycle_stop_start_delete_through_vmops(executor: Executor) -> None:
     assert res["s4"].detail["state"] == "missing"
 
 
+def test_vms_cloudmon_did_not_create_are_neither_stopped_nor_deleted(executor: Executor) -> None:
+    executor.submit([cmd("n1", "vm.stop", vm="db-1", timeout_s=1.0), cmd("n2", "vm.delete", vm="db-1")])
+    res = results_of(executor, 2)
+    for cid in ("n1", "n2"):
+        assert not res[cid].ok
+        assert "not created by cloudmon" in (res[cid].error or "")
+    executor.submit([cmd("n3", "vm.state", vm="db-1")])
+    assert results_of(executor, 3)["n3"].detail["state"] == "running"
+
+
+def test_create_takes_files_only_from_the_image_dirs(tmp_path: Path) -> None:
+    ex = Executor(ALL, URI, tmp_path / "state", image_dirs=[str(tmp_path / "images")])
+    try:
+        ex.submit(
+            [
+                cmd(
+                    "c1",
+                    "vm.create",
+                    name="x1",
+                    base_image="/etc/shadow",
+                    base_format="raw",
+                    overlay_dir=str(tmp_path / "images"),
+                ),
+                cmd("c2", "vm.create", name="x2", template_xml=str(tmp_path / "images/../elsewhere/t.xml")),
+            ]
+        )
+        res = results_of(ex, 2)
+        assert "base_image '/etc/shadow' is outside this agent's image_dirs" in (res["c1"].error or "")
+        assert "outside this agent's image_dirs" in (res["c2"].error or "")  # .. does not escape
+    finally:
+        ex.close()
+
+
 def test_a_failing_action_says_why(executor: Executor) -> None:
     executor.submit([cmd("f1", "vm.start", vm="ghost")])
     res = results_of(executor, 1)["f1"]
