@@ -123,11 +123,12 @@ class Execution:
     log: list[dict[str, Any]] = field(default_factory=list)
 
 
-SnapshotSource = Callable[[ClusterModel, TelemetryStore, float, float], ClusterSnapshot]
+#: ``(model, store, now, window_s)``; ``window_s`` ``None``: the latest values only.
+SnapshotSource = Callable[[ClusterModel, TelemetryStore, float, float | None], ClusterSnapshot]
 
 
 def _live_snapshot(
-    model: ClusterModel, store: TelemetryStore, now: float, window_s: float
+    model: ClusterModel, store: TelemetryStore, now: float, window_s: float | None
 ) -> ClusterSnapshot:
     from cloudmon.rebalance.live import snapshot_from_live
 
@@ -444,12 +445,7 @@ class ControlPlane:
 
     def put_group(self, name: str, doc: object) -> dict[str, Any]:
         """Create or replace a group from its JSON document (``PUT /groups/{name}``)."""
-        if not isinstance(doc, dict):
-            raise ControlError("the group must be a JSON object (see 'cloudmon apply --help' for the fields)")
-        body = dict(doc)
-        body.setdefault("name", name)
-        if body["name"] != name:
-            raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
+        body = _named(name, doc, "the group (see 'cloudmon apply --help' for the fields)")
         try:
             spec = spec_from_doc(body)
         except (SpecError, msgspec.ValidationError) as exc:
@@ -517,12 +513,7 @@ class ControlPlane:
 
     def put_service_group(self, name: str, doc: object) -> dict[str, Any]:
         """Create or replace a service group (load-balancer backends and draining)."""
-        if not isinstance(doc, dict):
-            raise ControlError("the service group must be a JSON object")
-        body = dict(doc)
-        body.setdefault("name", name)
-        if body["name"] != name:
-            raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
+        body = _named(name, doc, "the service group")
         try:
             group = ServiceGroup.from_document(body)
             # The runtime address must at least parse (it is dialled on every tick).
@@ -578,12 +569,7 @@ class ControlPlane:
 
     def put_rule(self, name: str, doc: object) -> dict[str, Any]:
         """Create or replace a placement rule (checked against the snapshot format)."""
-        if not isinstance(doc, dict):
-            raise ControlError("the rule must be a JSON object: {kind, vms, hosts}")
-        body = dict(doc)
-        body.setdefault("name", name)
-        if body["name"] != name:
-            raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
+        body = _named(name, doc, "the rule ({kind, vms, hosts})")
         try:
             rule = msgspec.convert(body, Rule)
         except msgspec.ValidationError as exc:
@@ -641,25 +627,28 @@ class ControlPlane:
     def _planner_settings(self, s: BalanceSettings) -> PlanSettings:
         return PlanSettings(threshold=s.threshold, automation=s.automation, mode=s.mode)
 
-    def _snapshot(self, settings: BalanceSettings) -> ClusterSnapshot:
+    def _snapshot(self, settings: BalanceSettings, *, latest: bool = False) -> ClusterSnapshot:
+        """The live cluster; each VM's demand is its p95 over ``window_s`` from the store, or
+        with ``latest`` its last value (no store reads: the chart's every-10-s point)."""
+        window = None if latest else settings.window_s
         try:
-            return self._snapshot_source(self._model, self._store, self._clock(), settings.window_s)
+            return self._snapshot_source(self._model, self._store, self._clock(), window)
         except SnapshotError as exc:
             raise ControlError(str(exc)) from None
 
     def _tick_balance(self, now: float) -> None:
         settings = self.settings()
-        snap = self._snapshot(settings)
-        if not snap.hosts:
+        now_snap = self._snapshot(settings, latest=True)
+        if not now_snap.hosts:
             # Nothing reports VMs yet (a collector just started): look again next round.
             self._last_balance = -1e18
             return
-        sigma = imbalance(snap, self._planner_settings(settings))
+        sigma = imbalance(now_snap, self._planner_settings(settings))
         with self._lock:
             self._history.append((now, sigma))
             while self._history and now - self._history[0][0] > HISTORY_S:
                 self._history.popleft()
-            self._hosts_now = _host_loads(snap)
+            self._hosts_now = _host_loads(now_snap)
             busy = self._execution.state == "running"
             current = self._current
         if busy or (current is not None and current.status in ("approved", "running")):
@@ -669,14 +658,17 @@ class ControlPlane:
             if now - self._last_plan < self.plan_every_s:
                 return
             self._last_plan = now
+            # Plans use each VM's demand over the window (store reads: only here, once a minute).
+            snap = self._snapshot(settings)
             record: PlanRecord | None = None
             auto = settings.automation == "full"
             if settings.automation == "partial":
                 # Partial automation runs mandatory moves (maintenance, rule violations) by
                 # itself: a threshold-1 plan has exactly those.
                 mandatory = msgspec.structs.replace(settings, threshold=1)
-                if plan(snap, self._planner_settings(mandatory)).moves:
-                    record, auto = self._new_plan(snap, mandatory, now), True
+                result = self._plan_around_holds(snap, self._planner_settings(mandatory))
+                if result.moves:
+                    record, auto = self._record_plan(result, mandatory, now), True
             if record is None:
                 record = self._new_plan(snap, settings, now)
         if record.plan.moves and auto:
@@ -725,7 +717,12 @@ class ControlPlane:
         return msgspec.structs.replace(result, rejected=rejected + rest)
 
     def _new_plan(self, snap: ClusterSnapshot, settings: BalanceSettings, now: float) -> PlanRecord:
-        result = self._plan_around_holds(snap, self._planner_settings(settings))
+        return self._record_plan(
+            self._plan_around_holds(snap, self._planner_settings(settings)), settings, now
+        )
+
+    def _record_plan(self, result: Plan, settings: BalanceSettings, now: float) -> PlanRecord:
+        """Make ``result`` the current plan (superseding a proposed one) and log it."""
         record = PlanRecord(id=uuid.uuid4().hex[:12], created=now, plan=result, settings=settings)
         with self._lock:
             old = self._current
@@ -947,6 +944,17 @@ class ControlPlane:
             self._store.append_event(dict(event))
         except (StoreError, ValueError) as exc:
             log.warning("cannot record event %s: %s", event.get("kind"), exc)
+
+
+def _named(name: str, doc: object, what: str) -> dict[str, Any]:
+    """A document PUT under ``name``: a JSON object whose ``name`` (if any) is that one."""
+    if not isinstance(doc, dict):
+        raise ControlError(f"{what} must be a JSON object")
+    body = dict(doc)
+    body.setdefault("name", name)
+    if body["name"] != name:
+        raise ControlError(f"name: the document names {body['name']!r} but the URL names {name!r}")
+    return body
 
 
 def _host_loads(snap: ClusterSnapshot) -> list[dict[str, Any]]:

@@ -154,18 +154,19 @@ def snapshot_from_live(
     store: TelemetryStore,
     now: float,
     *,
-    window_s: float = 3600.0,
+    window_s: float | None = 3600.0,
     step_s: float = 10.0,
     q: float = 95.0,
     settings: PlanSettings | None = None,
 ) -> ClusterSnapshot:
-    """A snapshot of the online nodes at ``now``; VM CPU demand is the ``q``-th percentile over ``window_s``.
+    """A snapshot of the online nodes at ``now``; VM CPU demand is the ``q``-th percentile over ``window_s``
+    (``None``: the latest values, no store reads: for a chart of how things are now).
 
     Unreachable nodes (and their VMs) are left out: a plan must not send VMs to
     a host nobody hears from.  Rules naming VMs or hosts not in the snapshot are
     left out with a warning.
     """
-    if window_s <= 0 or step_s <= 0 or not 0 < q <= 100:
+    if (window_s is not None and window_s <= 0) or step_s <= 0 or not 0 < q <= 100:
         raise ValueError("window_s and step_s must be > 0 and q in (0, 100]")
     maintenance = load_maintenance(store)
     vm_settings = load_vm_settings(store)
@@ -196,7 +197,9 @@ def snapshot_from_live(
         names = [n for n in _vm_names(latest) if stopped.get(n, "running") in _PLACED_STATES]
         metrics = [f"vm.{n}.host_cpu_percent" for n in names]
         demand: dict[str, float] = {}
-        if metrics:
+        if metrics and window_s is None:
+            demand = {n: latest.get(m, 0.0) / 100.0 * cores for n, m in zip(names, metrics, strict=True)}
+        elif metrics and window_s is not None:
             res = store.series(node.node_id, metrics, now - window_s, now, step_s)
             for n, m in zip(names, metrics, strict=True):
                 series = res.metrics.get(m)

@@ -83,7 +83,9 @@ def test_a_vm_another_loop_just_changed_stays_put_unless_it_must_move(store: Tel
     arbiter = Arbiter(clock, hold_s=600)
     snap = SNAPSHOT
 
-    def source(model: ClusterModel, store: TelemetryStore, now: float, window: float) -> ClusterSnapshot:
+    def source(
+        model: ClusterModel, store: TelemetryStore, now: float, window: float | None
+    ) -> ClusterSnapshot:
         return snap
 
     plane = ControlPlane(

@@ -68,6 +68,9 @@ def test_snapshot_uses_a_high_percentile_not_the_last_sample(store: TelemetrySto
     assert vms["web"].cpu_demand_cores == pytest.approx(8.0)
     assert vms["db"].cpu_demand_cores == pytest.approx(3.2)
     assert vms["web"].memory_mib == pytest.approx(8192)
+    # Without a window: the latest values, read from the model only (the chart's point).
+    now_vms = {v.name: v for v in snapshot_from_live(model, store, NOW, window_s=None).vms}
+    assert now_vms["web"].cpu_demand_cores == pytest.approx(1.6)  # the last 10 %
     a = snap.hosts[0]
     assert a.cpu_cores == 16
     assert a.memory_mib == pytest.approx(65536)
