@@ -51,6 +51,7 @@ QPushButton#primary { background: #1f5fbf; color: #ffffff; border: 1px solid #1a
     padding: 5px 14px; font-weight: bold; }
 QPushButton#primary:disabled { background: #9db5dc; border-color: #9db5dc; }
 QPushButton#danger { color: #b3261e; }
+QPushButton#danger:disabled { color: #a0a4ab; }
 """
 
 
