@@ -7,7 +7,8 @@ from its one sampling thread, and puts the result in the report field named by
 
 :func:`default_collectors` builds the set a node runs from
 :class:`CollectorOptions`: host (always), top processes, containers
-(cgroups), VMs (when libvirt-python imports and a URI is set), GPUs (when
+(cgroups), VMs (when a URI is set and a local daemon's socket or libvirt-python
+can serve it), GPUs (when
 NVML finds one, or VMs have GPUs assigned), all under a CPU budget
 (:mod:`cloudmon_agent.budget`) unless ``budget_ms`` is 0.
 """
@@ -76,13 +77,16 @@ def default_collectors(options: CollectorOptions | None = None) -> list[Collecto
         out.append(ContainerCollector(opts.cgroup_root))
     vms = None
     if opts.libvirt_uri:
-        from cloudmon_agent.collectors.vms import VmCollector, libvirt_available
+        from cloudmon_agent.collectors.vms import VmCollector, libvirt_module
 
-        if libvirt_available():
+        if libvirt_module(opts.libvirt_uri) is not None:
             vms = VmCollector(opts.libvirt_uri)
             out.append(vms)
         else:
-            log.info("libvirt-python is not installed: no VM metrics (install cloudmon-agent[libvirt])")
+            log.info(
+                "libvirt-python is not installed: no VM metrics from %s (install cloudmon-agent[libvirt])",
+                opts.libvirt_uri,
+            )
     if opts.gpus:
         from cloudmon_agent.collectors.gpus import GpuCollector, open_nvml, vfio_pci_devices
 

@@ -168,14 +168,23 @@ def test_real_v1_service_group_with_a_busy_process(tmp_path: Path) -> None:
                 if not part.exists():
                     part.mkdir()
                     made.append(part)
-        child = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # The child touches 8 MiB only once it is in the groups: cgroup v1 charges a
+        # memory group for pages allocated after the move, not before.
+        busy = "import sys\nsys.stdin.readline()\nb = b'x' * (8 << 20)\nwhile True: pass"
+        child = subprocess.Popen([sys.executable, "-c", busy], stdin=subprocess.PIPE)
         for d in dirs:
             (d / "cgroup.procs").write_text(str(child.pid))
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        child.stdin.flush()
         c = ContainerCollector(refresh_s=3600)
         try:
             c.prime()
             deadline = time.monotonic() + 10
-            while int((dirs[0] / "cpuacct.usage").read_text()) < 200_000_000 and time.monotonic() < deadline:
+            while (
+                int((dirs[0] / "cpuacct.usage").read_text()) < 200_000_000
+                or int((dirs[1] / "memory.usage_in_bytes").read_text()) < 8 << 20
+            ) and time.monotonic() < deadline:
                 time.sleep(0.02)
             got = _by_name(c.collect())
         finally:
