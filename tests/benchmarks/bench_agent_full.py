@@ -1,26 +1,40 @@
 """What the full agent (host + processes + containers + 10 VMs) costs, beside two reference monitors.
 
-    .venv/bin/python tests/benchmarks/bench_agent_full.py [--seconds 60] [--interval 1]
+    .venv/bin/python -m tests.benchmarks.bench_agent_full [--seconds 60] [--interval 1]
 
-Runs side by side, in one run:
+The agent rows run the agent as a node runs it: the ``cloudmon-agent`` command
+line in a virtual environment holding only what the agent package installs
+(``psutil``, ``msgspec`` and the agent), on the system's ``python3`` (Debian's,
+what the package's venv uses; this environment's interpreter where the system one
+has another version).  Side by side, in one run:
 
-- ``cloudmon-agent (host only)``: the agent with just the host collector;
+- ``cloudmon-agent (host)``: just the host collector;
 - ``cloudmon-agent (no-vms)``: host + top processes + containers + GPUs,
-  without libvirt (what a node without VMs pays);
+  without VMs (what a node without VMs pays);
 - ``cloudmon-agent (full)``: host + top processes + containers (cgroups) +
-  VMs from libvirt's test driver with a custom host of 10 running domains
-  (``tests/unit/agent/data/libvirt-test-10vms.xml``) + GPUs where NVML works,
-  under the default 1 ms CPU budget; both post every report to a minimal HTTP
-  sink in this process;
-- the naive psutil loop of ``bench_agent.py`` (with ``process_iter``);
+  10 VMs + GPUs where NVML works, under the default 1 ms CPU budget.  The VMs
+  are libvirt's test driver with a custom host of 10 running domains
+  (``tests/unit/agent/data/libvirt-test-10vms.xml``) served by a real
+  ``libvirtd`` that the benchmark starts (tests/integration/vmhost.py, needs
+  root), read as on a VM host: over the daemon's Unix socket with the agent's
+  own RPC client (:mod:`cloudmon_agent.collectors.virtrpc`).  The test driver
+  has no bulk statistics beyond the state, so each VM run also asks 4
+  per-domain questions of each domain (a real QEMU host answers one bulk call);
+- ``cloudmon-agent (libvirt-python)``: the full agent of this repository's
+  ``.venv`` with the same 10 domains through libvirt-python and the in-process
+  ``test:///`` driver (what ``import libvirt`` costs);
+- ``libvirtd (serving the full agent)``: the daemon's CPU, for the record;
+- the naive psutil loop of ``bench_agent.py`` (with ``process_iter``), on the
+  same interpreter as the agent rows;
 - ``prometheus-node-exporter`` (Debian package, default collectors) on a free
   loopback port, scraped once a second from this process (the scraper's CPU
   is not counted, the exporter's is).
 
-CPU per cycle comes from ``/proc/PID/stat`` (utime + stime) after a warm-up;
-RSS, PSS and USS (``/proc/PID/smaps_rollup``) are sampled once a second.  Then one in-process breakdown of where the
-full agent's cycle goes, per collector (``time.thread_time``).  Prints
-figures; asserts nothing.  Linux only.
+CPU per cycle is the sum over a process's threads of ``/proc/PID/task/*/schedstat``
+(nanoseconds on the CPU) over the measured window, after a warm-up that lets the
+budget settle; RSS, PSS and USS (``/proc/PID/smaps_rollup``) are sampled once a
+second.  Then one in-process breakdown of where the full agent's cycle goes, per
+collector (``time.thread_time``).  Prints figures; asserts nothing.  Linux only.
 """
 
 from __future__ import annotations
@@ -48,7 +62,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:  # run as a script: make ``tests.benchmarks`` importable
     sys.path.insert(0, str(ROOT))
 
-from tests.benchmarks.bench_agent import CLK_TCK, NAIVE_LOOP, cpu_ticks, rss_bytes, uss_bytes  # noqa: E402
+from tests.benchmarks.bench_agent import NAIVE_LOOP, rss_bytes, uss_bytes  # noqa: E402
 
 TEN_VMS = ROOT / "tests" / "unit" / "agent" / "data" / "libvirt-test-10vms.xml"
 NODE_EXPORTER = "/usr/bin/prometheus-node-exporter"
@@ -62,7 +76,7 @@ from cloudmon_agent.cli import main
 url, interval, state, mode, uri = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 args = ["--collector", url, "--token", "bench", "--interval", interval, "--state-dir", state,
         "--node-id", "bench-" + mode, "--log-level", "WARNING"]
-if mode == "full":
+if mode in ("full", "libvirt-python"):
     args += ["--libvirt-uri", uri]
 elif mode == "no-vms":
     args += ["--libvirt-uri", ""]
@@ -70,8 +84,87 @@ else:
     args += ["--libvirt-uri", "", "--top-n", "0", "--no-containers", "--no-gpus", "--budget-ms", "0"]
 sys.exit(main(args))
 """
-#: Agent rows: host collector only; everything but VMs (no libvirt loaded); everything.
-MODES = ("host", "no-vms", "full")
+
+
+def deployed_python(where: Path) -> tuple[str, str]:
+    """A venv like the agent package's: system python3 (same minor version) + psutil + msgspec + the agent.
+
+    Returns (interpreter, description).  Falls back to this interpreter when a venv cannot be made.
+    """
+    import importlib.util
+
+    want = f"{sys.version_info.major}.{sys.version_info.minor}"
+    base = shutil.which("python3", path="/usr/bin") or ""
+    try:
+        ver = (
+            subprocess.run(
+                [base, "-c", "import sys; print(f'{sys.version_info.major}.{sys.version_info.minor}')"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=True,
+            ).stdout.strip()
+            if base
+            else ""
+        )
+    except (OSError, subprocess.SubprocessError):
+        ver = ""
+    if ver != want:
+        base = getattr(sys, "_base_executable", sys.executable)
+    venv = where / "agent-venv"
+    try:
+        subprocess.run([base, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120,
+                       capture_output=True)  # fmt: skip
+        py = str(venv / "bin" / "python")
+        site = subprocess.run(
+            [py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError) as exc:
+        return sys.executable, f"{sys.executable} (no separate venv: {exc})"
+    for mod in ("psutil", "msgspec"):
+        spec = importlib.util.find_spec(mod)
+        assert spec is not None
+        assert spec.submodule_search_locations
+        shutil.copytree(next(iter(spec.submodule_search_locations)), Path(site) / mod)
+    (Path(site) / "cloudmon_agent.pth").write_text(str(ROOT / "agents") + "\n")
+    full = subprocess.run([py, "-c", "import sys; print(sys.version.split()[0])"], capture_output=True,
+                          text=True, timeout=30, check=False).stdout.strip()  # fmt: skip
+    return py, f"{base} {full} + psutil + msgspec + cloudmon_agent"
+
+
+def start_libvirtd() -> tuple[Any, str, int] | str:
+    """A real libvirtd serving the 10 test-driver domains: (lab, URI, daemon pid), or why not."""
+    from tests.integration import vmhost
+
+    missing = [m for m in vmhost.missing_prerequisites() if "qemu" not in m.lower()]
+    if missing:
+        return f"cannot start libvirtd here ({', '.join(missing)})"
+    lab = vmhost.VmLab(cgroups=False)
+    try:
+        host = lab.add_host("bench")
+        lab.start()
+    except Exception as exc:
+        lab.close()
+        return f"libvirtd did not start: {exc}"
+    assert host.pid is not None
+    return lab, f"test+unix://{TEN_VMS}?socket={host.socket_path}", host.pid
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds on the CPU of every live thread of ``pid`` (``/proc/PID/task/*/schedstat``)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat", encoding="ascii") as fh:
+                total += int(fh.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
 
 
 class _Sink(http.server.ThreadingHTTPServer):
@@ -167,7 +260,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seconds", type=float, default=60.0, help="measured duration (default 60)")
     ap.add_argument("--interval", type=float, default=1.0, help="sampling interval (default 1)")
-    ap.add_argument("--warmup", type=float, default=4.0, help="seconds excluded at the start (default 4)")
+    ap.add_argument(
+        "--warmup",
+        type=float,
+        default=30.0,
+        help="seconds excluded at the start, for the budget to settle (default 30)",
+    )
     args = ap.parse_args()
 
     sink = _Sink()
@@ -175,24 +273,40 @@ def main() -> int:
     sink_thread.start()
     url = f"http://127.0.0.1:{sink.server_address[1]}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDMON_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     procs: dict[str, subprocess.Popen[bytes]] = {}
     scrapes = 0
     stop_scraper = threading.Event()
-    with tempfile.TemporaryDirectory() as tmp:
-        env["XDG_CONFIG_HOME"] = tmp
+    scraper: threading.Thread | None = None
+    lab: Any = None
+    notes: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        env["XDG_CONFIG_HOME"] = tmp_s
+        dev_env = dict(env, PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]))
         try:
+            py, py_text = deployed_python(tmp)
+            print(f"agent rows: {py_text}")
+            daemon = start_libvirtd()
+            if isinstance(daemon, str):
+                notes.append(f"full row skipped: {daemon}")
+                daemon_uri = ""
+            else:
+                lab, daemon_uri, daemon_pid = daemon
             total = args.warmup + args.seconds + 5
-            for mode in MODES:
-                state = os.path.join(tmp, mode)
+            for mode in ("host", "no-vms", "full"):
+                if mode == "full" and not daemon_uri:
+                    continue
                 procs[f"cloudmon-agent ({mode})"] = subprocess.Popen(
-                    [sys.executable, "-c", AGENT, url, str(args.interval), state, mode, f"test://{TEN_VMS}"],
-                    env=env,
+                    [py, "-c", AGENT, url, str(args.interval), str(tmp / mode), mode, daemon_uri], env=env
                 )
+            procs["cloudmon-agent (libvirt-python)"] = subprocess.Popen(
+                [sys.executable, "-c", AGENT, url, str(args.interval), str(tmp / "lp"), "libvirt-python",
+                 f"test://{TEN_VMS}"],
+                env=dev_env,
+            )  # fmt: skip
             procs["naive psutil loop"] = subprocess.Popen(
-                [sys.executable, "-c", NAIVE_LOOP, str(total), str(args.interval)], env=env
+                [py, "-c", NAIVE_LOOP, str(total), str(args.interval)], env=env
             )
-            scraper: threading.Thread | None = None
             if shutil.which(NODE_EXPORTER):
                 port = free_port()
                 procs["node_exporter"] = subprocess.Popen(
@@ -220,21 +334,24 @@ def main() -> int:
                 scraper = threading.Thread(target=scrape, name="bench-scraper")
                 scraper.start()
             else:
-                print(f"{NODE_EXPORTER} not found: node_exporter row skipped")
-            time.sleep(args.warmup)  # startup is not steady-state cost
-            start_ticks = {name: cpu_ticks(p.pid) for name, p in procs.items()}
-            rss: dict[str, list[int]] = {name: [] for name in procs}
-            uss: dict[str, list[int]] = {name: [] for name in procs}
-            pss: dict[str, list[int]] = {name: [] for name in procs}
+                notes.append(f"{NODE_EXPORTER} not found: node_exporter row skipped")
+            watched = {name: p.pid for name, p in procs.items()}
+            if daemon_uri:
+                watched["libvirtd (serving the full agent)"] = daemon_pid
+            time.sleep(args.warmup)  # startup and the budget's settling are not steady-state cost
+            start_cpu = {name: cpu_ns(pid) for name, pid in watched.items()}
+            rss: dict[str, list[int]] = {name: [] for name in watched}
+            uss: dict[str, list[int]] = {name: [] for name in watched}
+            pss: dict[str, list[int]] = {name: [] for name in watched}
             t0 = time.monotonic()
             while (elapsed := time.monotonic() - t0) < args.seconds:
-                for name, p in procs.items():
-                    rss[name].append(rss_bytes(p.pid))
-                    uss[name].append(uss_bytes(p.pid))
-                    pss[name].append(pss_bytes(p.pid))
+                for name, pid in watched.items():
+                    rss[name].append(rss_bytes(pid))
+                    uss[name].append(uss_bytes(pid))
+                    pss[name].append(pss_bytes(pid))
                 time.sleep(min(1.0, args.seconds - elapsed))
             elapsed = time.monotonic() - t0
-            end_ticks = {name: cpu_ticks(p.pid) for name, p in procs.items()}
+            end_cpu = {name: cpu_ns(pid) for name, pid in watched.items()}
         finally:
             stop_scraper.set()
             if scraper is not None:
@@ -247,6 +364,8 @@ def main() -> int:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait()
+            if lab is not None:
+                lab.close()
             sink.shutdown()
             sink.server_close()
             sink_thread.join()
@@ -259,20 +378,21 @@ def main() -> int:
         f"node_exporter scraped {scrapes} times\n"
     )
     header = (
-        f"{'process':<26} {'CPU ms/cycle':>12} {'% of a core':>11} {'RSS mean MiB':>12} {'RSS max MiB':>11} "
+        f"{'process':<36} {'CPU ms/cycle':>12} {'% of a core':>11} {'RSS mean MiB':>12} {'RSS max MiB':>11} "
         f"{'PSS mean MiB':>12} {'USS mean MiB':>12}"
     )
     print(header)
     print("-" * len(header))
-    for name in procs:
-        ms = (end_ticks[name] - start_ticks[name]) * 1000 / CLK_TCK / cycles
+    for name in watched:
+        ms = (end_cpu[name] - start_cpu[name]) / 1e6 / cycles
         pct = ms / (args.interval * 1000) * 100
         print(
-            f"{name:<26} {ms:>12.2f} {pct:>10.3f}% {statistics.fmean(rss[name]) / 2**20:>12.1f} "
+            f"{name:<36} {ms:>12.3f} {pct:>10.3f}% {statistics.fmean(rss[name]) / 2**20:>12.1f} "
             f"{max(rss[name]) / 2**20:>11.1f} {statistics.fmean(pss[name]) / 2**20:>12.1f} "
             f"{statistics.fmean(uss[name]) / 2**20:>12.1f}"
         )
-    print("\n(/proc CPU ticks are 10 ms each: over 30 s, ±0.3 ms/cycle of resolution per row)")
+    for note in notes:
+        print(note)
     with sink.lock:
         for node, r in sorted(sink.last.items()):
             cpu = sink.self_cpu[node][2:] or [0.0]
@@ -291,7 +411,9 @@ def main() -> int:
                     f"  budget {r.budget.budget_ms:g} ms, expected {r.budget.expected_ms:.2f} ms/cycle; "
                     f"throttled: {thr or 'none'}"
                 )
-    print("\nwhere the full agent's cycle goes (in-process, CPU ms per cycle, mean of 200 cycles):")
+    print(
+        "\nwhere the full agent's cycle goes (in-process, CPU ms per cycle, mean of 200 cycles, libvirt-python):"
+    )
     for field, ms, _ in in_process_breakdown():
         note = "  (one scan; runs every 5 s by default: /5 per cycle)" if field == "processes" else ""
         print(f"  {field:<12} {ms:>8.3f} ms{note}")

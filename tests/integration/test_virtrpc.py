@@ -30,7 +30,9 @@ TEN_VMS = Path(__file__).resolve().parents[1] / "unit" / "agent" / "data" / "lib
 
 @pytest.fixture(scope="module")
 def daemon_uri() -> Iterator[str]:
-    missing = [m for m in vmhost.missing_prerequisites() if "qemu" not in m.lower() and "kernel" not in m.lower()]
+    missing = [
+        m for m in vmhost.missing_prerequisites() if "qemu" not in m.lower() and "kernel" not in m.lower()
+    ]
     if missing:
         pytest.skip(f"cannot start libvirtd here: {missing}")
     lab = vmhost.VmLab(cgroups=False)
@@ -59,14 +61,24 @@ def test_uri_mapping() -> None:
     assert virtrpc.supports("qemu:///system")
     assert virtrpc.supports("qemu:///session")
     assert virtrpc.supports("qemu+unix:///system?socket=/tmp/s")
-    assert virtrpc._socket_and_name("qemu+unix:///system?socket=/tmp/s&mode=direct") == ("/tmp/s", "qemu:///system")
+    assert virtrpc._socket_and_name("qemu+unix:///system?socket=/tmp/s&mode=direct") == (
+        "/tmp/s",
+        "qemu:///system",
+    )
     assert virtrpc._socket_and_name("test+unix:///a/b.xml?socket=/tmp/s") == ("/tmp/s", "test:///a/b.xml")
     path, name = virtrpc._socket_and_name("qemu:///system") or ("", "")
     assert path.startswith("/run/libvirt/")
     assert path.endswith("-sock-ro")
     assert name == "qemu:///system"
     # In-process drivers and remote transports stay with libvirt-python.
-    for uri in ("test:///default", "qemu+ssh://h/system", "qemu+tls://h/system", "qemu+tcp://h/system", "", "xen"):
+    for uri in (
+        "test:///default",
+        "qemu+ssh://h/system",
+        "qemu+tls://h/system",
+        "qemu+tcp://h/system",
+        "",
+        "xen",
+    ):
         assert not virtrpc.supports(uri), uri
 
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 import os
 import socket
 import struct
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 # -- constants the collector uses (same values as libvirt-python's) -------------
@@ -86,7 +87,7 @@ _DAEMONS: Final = {"qemu": "virtqemud", "lxc": "virtlxcd", "ch": "virtchd", "vbo
 _RUN_DIR: Final = "/run/libvirt"
 
 
-class libvirtError(Exception):  # noqa: N801 - the name libvirt-python gives it
+class libvirtError(Exception):
     """A libvirt RPC failure: the daemon's error, or the connection's."""
 
     def __init__(self, message: str, code: int = -1) -> None:
@@ -97,7 +98,11 @@ class libvirtError(Exception):  # noqa: N801 - the name libvirt-python gives it
         return self.code
 
 
-def registerErrorHandler(_handler: Any, _ctx: Any) -> None:  # noqa: N802 - libvirt-python's name
+def _fail(message: str) -> NoReturn:
+    raise libvirtError(message)
+
+
+def registerErrorHandler(_handler: Any, _ctx: Any) -> None:
     """Nothing to silence: this client prints nothing."""
 
 
@@ -248,7 +253,7 @@ def _domain_ref(dom: tuple[str, bytes, int]) -> bytes:
 
 
 # -- connection --------------------------------------------------------------------
-class virConnect:  # noqa: N801 - libvirt-python's name
+class virConnect:
     """One read-only connection to a libvirt daemon (not thread-safe: the collector owns it)."""
 
     def __init__(self, path: str, name: str, timeout: float = 10.0) -> None:
@@ -267,7 +272,7 @@ class virConnect:  # noqa: N801 - libvirt-python's name
             auth = _Reader(self._call(_PROC_AUTH_LIST, b""))
             types = [auth.i32() for _ in range(auth.u32())]
             if types and _AUTH_NONE not in types:
-                raise libvirtError(
+                _fail(
                     f"the libvirt socket {path} asks for authentication (types {types}); "
                     "use its read-only socket, or a URI libvirt-python opens (install cloudmon-agent[libvirt])"
                 )
@@ -279,37 +284,60 @@ class virConnect:  # noqa: N801 - libvirt-python's name
 
     # transport
     def _call(self, proc: int, args: bytes) -> bytes:
+        """One request, its reply's body; the daemon's error as :class:`libvirtError`."""
+        got = self._calls([(proc, args)])[0]
+        if isinstance(got, libvirtError):
+            raise got
+        return got
+
+    def _calls(self, calls: list[tuple[int, bytes]]) -> list[bytes | libvirtError]:
+        """Several requests written at once, then their replies read (pipelined: one round trip).
+
+        The daemon may answer in any order; each reply is matched by its serial.  A
+        daemon's error for one call is returned in that call's place; a broken
+        connection raises :class:`libvirtError` and closes it.
+        """
         sock = self._sock
         if sock is None:
             raise libvirtError("the libvirt connection is closed")
-        self._serial += 1
-        serial = self._serial
+        first = self._serial + 1
+        self._serial += len(calls)
+        out: list[bytes | libvirtError | None] = [None] * len(calls)
         try:
-            sock.sendall(_HEAD.pack(28 + len(args), _PROGRAM, _VERSION, proc, _CALL, serial, _OK) + args)
-            while True:
-                head = self._recv(28)
-                length, prog, _vers, rproc, mtype, rserial, status = _HEAD.unpack(head)
+            sock.sendall(
+                b"".join(
+                    _HEAD.pack(28 + len(args), _PROGRAM, _VERSION, proc, _CALL, first + i, _OK) + args
+                    for i, (proc, args) in enumerate(calls)
+                )
+            )
+            waiting = len(calls)
+            while waiting:
+                length, prog, _vers, rproc, mtype, rserial, status = _HEAD.unpack(self._recv(28))
                 if not 28 <= length <= _MESSAGE_MAX:
-                    raise libvirtError(f"libvirt sent a message of {length} bytes")
+                    _fail(f"libvirt sent a message of {length} bytes")
                 body = self._recv(length - 28)
-                if prog == _PROGRAM and mtype == _REPLY and rserial == serial and rproc == proc:
-                    break
-                # Anything else (an event, a keepalive of another program) is not ours: skip it.
+                i = rserial - first
+                if prog != _PROGRAM or mtype != _REPLY or not 0 <= i < len(calls) or out[i] is not None:
+                    continue  # not an answer of ours (an event, a keepalive of another program): skip it
+                if rproc != calls[i][0]:
+                    _fail(f"libvirt answered procedure {rproc} to a call of {calls[i][0]}")
+                if status == _ERROR:
+                    r = _Reader(body)
+                    code = r.i32()
+                    r.i32()  # error domain
+                    out[i] = libvirtError(r.opt_string() or f"libvirt error {code}", code)
+                elif status == _OK:
+                    out[i] = body
+                else:
+                    _fail(f"libvirt reply with status {status}")
+                waiting -= 1
         except OSError as exc:
             self._abort()
             raise libvirtError(f"libvirt connection to {self.path} failed: {exc}") from None
-        except libvirtError:
+        except (libvirtError, struct.error):
             self._abort()
             raise
-        if status == _ERROR:
-            r = _Reader(body)
-            code = r.i32()
-            r.i32()  # error domain
-            raise libvirtError(r.opt_string() or f"libvirt error {code}", code)
-        if status != _OK:
-            self._abort()
-            raise libvirtError(f"libvirt reply with status {status}")
-        return body
+        return [o if o is not None else libvirtError("no reply") for o in out]
 
     def _recv(self, n: int) -> bytes:
         """Exactly ``n`` bytes: from what the last ``recv`` brought beyond its message, then the socket.
@@ -329,8 +357,10 @@ class virConnect:  # noqa: N801 - libvirt-python's name
         return out
 
     # the API the collector uses
-    def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[virDomain, dict[str, Any]]]:  # noqa: N802
-        r = _Reader(self._call(_PROC_CONNECT_GET_ALL_DOMAIN_STATS, _U32.pack(0) + _U32.pack(stats) + _U32.pack(flags)))
+    def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[virDomain, dict[str, Any]]]:
+        r = _Reader(
+            self._call(_PROC_CONNECT_GET_ALL_DOMAIN_STATS, _U32.pack(0) + _U32.pack(stats) + _U32.pack(flags))
+        )
         try:
             out = []
             for _ in range(r.u32()):
@@ -341,7 +371,7 @@ class virConnect:  # noqa: N801 - libvirt-python's name
             raise libvirtError(f"malformed libvirt reply: {exc}") from None
         return out
 
-    def getInfo(self) -> list[Any]:  # noqa: N802
+    def getInfo(self) -> list[Any]:
         r = _Reader(self._call(_PROC_NODE_GET_INFO, b""))
         model = bytes(r.i32() & 0xFF for _ in range(32)).split(b"\0", 1)[0].decode("ascii", "replace")
         memory_kib = r.u64()
@@ -368,7 +398,7 @@ class virConnect:  # noqa: N801 - libvirt-python's name
             sock.close()
 
 
-class virDomain:  # noqa: N801 - libvirt-python's name
+class virDomain:
     """A domain as the bulk call named it (name, UUID, id)."""
 
     __slots__ = ("_conn", "_ref")
@@ -380,37 +410,89 @@ class virDomain:  # noqa: N801 - libvirt-python's name
     def name(self) -> str:
         return self._ref[0]
 
-    def UUIDString(self) -> str:  # noqa: N802
+    def UUIDString(self) -> str:
         h = self._ref[1].hex()
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    def XMLDesc(self, flags: int = 0) -> str:  # noqa: N802
-        return _Reader(self._conn._call(_PROC_DOMAIN_GET_XML_DESC, _domain_ref(self._ref) + _U32.pack(flags))).string()
+    def XMLDesc(self, flags: int = 0) -> str:
+        return _Reader(
+            self._conn._call(_PROC_DOMAIN_GET_XML_DESC, _domain_ref(self._ref) + _U32.pack(flags))
+        ).string()
+
+    def _one(self, what: str, *args: Any) -> Any:
+        got = batch(self._conn, [(self, what, args)])[0]
+        if isinstance(got, libvirtError):
+            raise got
+        return got
 
     def info(self) -> list[int]:
-        r = _Reader(self._conn._call(_PROC_DOMAIN_GET_INFO, _domain_ref(self._ref)))
-        return [r.u32(), r.u64(), r.u64(), r.u32(), r.u64()]
+        return list(self._one("info"))
 
-    def memoryStats(self) -> dict[str, int]:  # noqa: N802
-        args = _domain_ref(self._ref) + _U32.pack(_MEMORY_STATS_MAX) + _U32.pack(0)
-        r = _Reader(self._conn._call(_PROC_DOMAIN_MEMORY_STATS, args))
-        out: dict[str, int] = {}
-        for _ in range(r.u32()):
-            tag, val = r.i32(), r.u64()
-            if 0 <= tag < len(_MEMORY_TAGS):
-                out[_MEMORY_TAGS[tag]] = val
-        return out
+    def memoryStats(self) -> dict[str, int]:
+        return dict(self._one("memoryStats"))
 
-    def blockStats(self, path: str) -> tuple[int, ...]:  # noqa: N802
-        r = _Reader(self._conn._call(_PROC_DOMAIN_BLOCK_STATS, _domain_ref(self._ref) + _string(path)))
-        return tuple(r.i64() for _ in range(5))
+    def blockStats(self, path: str) -> tuple[int, ...]:
+        return tuple(self._one("blockStats", path))
 
-    def interfaceStats(self, path: str) -> tuple[int, ...]:  # noqa: N802
-        r = _Reader(self._conn._call(_PROC_DOMAIN_INTERFACE_STATS, _domain_ref(self._ref) + _string(path)))
-        return tuple(r.i64() for _ in range(8))
+    def interfaceStats(self, path: str) -> tuple[int, ...]:
+        return tuple(self._one("interfaceStats", path))
 
 
-def openReadOnly(uri: str) -> virConnect:  # noqa: N802 - libvirt-python's name
+def batch(conn: virConnect, calls: list[tuple[virDomain, str, tuple[Any, ...]]]) -> list[Any]:
+    """Per-domain calls (``(domain, "info" | "memoryStats" | "blockStats" | "interfaceStats", args)``)
+    in one pipelined round trip; each result, or the :class:`libvirtError` of that call."""
+    reqs: list[tuple[int, bytes]] = []
+    for dom, what, args in calls:
+        ref = _domain_ref(dom._ref)
+        if what == "info":
+            reqs.append((_PROC_DOMAIN_GET_INFO, ref))
+        elif what == "memoryStats":
+            reqs.append((_PROC_DOMAIN_MEMORY_STATS, ref + _U32.pack(_MEMORY_STATS_MAX) + _U32.pack(0)))
+        elif what == "blockStats":
+            reqs.append((_PROC_DOMAIN_BLOCK_STATS, ref + _string(args[0])))
+        elif what == "interfaceStats":
+            reqs.append((_PROC_DOMAIN_INTERFACE_STATS, ref + _string(args[0])))
+        else:
+            raise ValueError(f"no batched call {what!r}")
+    out: list[Any] = []
+    for (_, what, _), body in zip(calls, conn._calls(reqs) if reqs else [], strict=True):
+        if isinstance(body, libvirtError):
+            out.append(body)
+            continue
+        out.append(_DECODE[what](_Reader(body)))
+    return out
+
+
+def _decode_info(r: _Reader) -> list[int]:
+    return [r.u32(), r.u64(), r.u64(), r.u32(), r.u64()]
+
+
+def _decode_memory(r: _Reader) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for _ in range(r.u32()):
+        tag, val = r.i32(), r.u64()
+        if 0 <= tag < len(_MEMORY_TAGS):
+            out[_MEMORY_TAGS[tag]] = val
+    return out
+
+
+def _decode_block(r: _Reader) -> tuple[int, ...]:
+    return tuple(r.i64() for _ in range(5))
+
+
+def _decode_interface(r: _Reader) -> tuple[int, ...]:
+    return tuple(r.i64() for _ in range(8))
+
+
+_DECODE: Final[dict[str, Callable[[_Reader], Any]]] = {
+    "info": _decode_info,
+    "memoryStats": _decode_memory,
+    "blockStats": _decode_block,
+    "interfaceStats": _decode_interface,
+}
+
+
+def openReadOnly(uri: str) -> virConnect:
     """A read-only connection to the daemon behind ``uri``; :class:`libvirtError` when it cannot be had."""
     target = _socket_and_name(uri)
     if target is None:
