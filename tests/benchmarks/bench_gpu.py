@@ -24,7 +24,8 @@ import msgspec
 
 from cloudmon_agent.collectors.gpus import GpuCollector, open_nvml
 
-_LOAD = """
+#: A child process that keeps the GPU busy with matrix products; prints "ready" once it runs.
+GPU_LOAD = """
 import sys, time
 import torch
 x = torch.randn(8192, 8192, device="cuda")
@@ -65,7 +66,7 @@ def main() -> int:
         except ImportError:
             print("no PyTorch here: no load run")
             return 0
-        load = subprocess.Popen([sys.executable, "-c", _LOAD, "30"], stdout=subprocess.PIPE, text=True)
+        load = subprocess.Popen([sys.executable, "-c", GPU_LOAD, "30"], stdout=subprocess.PIPE, text=True)
         try:
             assert load.stdout is not None
             load.stdout.readline()

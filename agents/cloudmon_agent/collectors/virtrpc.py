@@ -66,6 +66,10 @@ _PROC_AUTH_LIST: Final = 66
 _PROC_DOMAIN_MEMORY_STATS: Final = 159
 _PROC_CONNECT_GET_ALL_DOMAIN_STATS: Final = 344
 
+#: Longest wait for the daemon on any one socket operation: a hung daemon stalls the
+#: sampling thread at most this long per try (then the collector backs off, 2 s ... 60 s).
+CALL_TIMEOUT_S: Final = 3.0
+
 _AUTH_NONE: Final = 0
 _VIR_CONNECT_RO: Final = 1
 #: virDomainMemoryStatTags -> the names libvirt-python's memoryStats() uses.
@@ -256,7 +260,7 @@ def _domain_ref(dom: tuple[str, bytes, int]) -> bytes:
 class virConnect:
     """One read-only connection to a libvirt daemon (not thread-safe: the collector owns it)."""
 
-    def __init__(self, path: str, name: str, timeout: float = 10.0) -> None:
+    def __init__(self, path: str, name: str, timeout: float = CALL_TIMEOUT_S) -> None:
         self.path = path
         self._serial = 0
         self._buf = bytearray()

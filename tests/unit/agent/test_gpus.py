@@ -11,6 +11,7 @@ import pytest
 from cloudmon_agent.collectors import CollectorOptions, default_collectors
 from cloudmon_agent.collectors.gpus import GpuCollector, normalize_pci, open_nvml, vfio_pci_devices
 from cloudmon_agent.schema import Gpu
+from tests.benchmarks.bench_gpu import GPU_LOAD
 
 
 def _pci_dev(sys: Path, addr: str, vendor: str, cls: str, driver: str) -> None:
@@ -67,19 +68,6 @@ def test_pci_address_normalization() -> None:
 
 # --- A real NVIDIA GPU (skipped where there is none) -------------------------------------------
 
-_LOAD = """
-import sys, time
-import torch
-x = torch.randn(8192, 8192, device="cuda")
-y = x @ x
-torch.cuda.synchronize()
-print("ready", flush=True)
-end = time.monotonic() + float(sys.argv[1])
-while time.monotonic() < end:
-    y = x @ x
-    torch.cuda.synchronize()
-"""
-
 
 def _smi(query: str, what: str = "--query-gpu") -> list[list[str]]:
     import subprocess
@@ -126,7 +114,7 @@ def test_real_gpu_agrees_with_nvidia_smi_and_sees_a_working_process() -> None:
             import torch  # noqa: F401
         except ImportError:
             return  # nothing here to put load on the card with
-        load = subprocess.Popen([sys.executable, "-c", _LOAD, "60"], stdout=subprocess.PIPE, text=True)
+        load = subprocess.Popen([sys.executable, "-c", GPU_LOAD, "60"], stdout=subprocess.PIPE, text=True)
         try:
             assert load.stdout is not None
             assert load.stdout.readline().strip() == "ready"
