@@ -1,4 +1,8 @@
-"""One node: header, live and historical charts, filesystem usage.
+"""One node: header, live and historical charts, filesystem usage, and what runs on it.
+
+The **Host** tab holds the charts; **VMs**, **Containers** and **GPUs** tabs
+(:mod:`cloudmon.ui.guests`) appear once the node reports any, with each
+guest's latest figures from the same live stream.
 
 Live mode keeps a :class:`~cloudmon.ui.ringbuffer.RingBuffer` (10 min at 1 s)
 seeded from ``GET /series`` and fed by the node's ``sample`` events; a
@@ -36,6 +40,7 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QTableWidget,
     QTableWidgetItem,
+    QTabWidget,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -45,6 +50,7 @@ from cloudmon.client import ApiClient, NodeDetail
 from cloudmon.model.cluster import NodeStatus, NodeSummary
 from cloudmon.store.base import SeriesResult
 from cloudmon.ui import format as fmt
+from cloudmon.ui.guests import CONTAINER_COLUMNS, GPU_COLUMNS, VM_COLUMNS, GuestTable, group_rows
 from cloudmon.ui.ringbuffer import FloatArray, RingBuffer, compact
 from cloudmon.ui.workers import LiveSample, Reply, RequestTracker, RequestWorker, StreamState, StreamWorker
 
@@ -343,12 +349,50 @@ class NodePage(QWidget):
             chart.widget.scene().sigMouseMoved.connect(lambda pos, c=chart: self._hover(c, pos))
             chart.widget.installEventFilter(self)
 
+        host = QWidget(self)
+        host_layout = QVBoxLayout(host)
+        host_layout.setContentsMargins(0, 6, 0, 0)
+        host_layout.setSpacing(8)
+        host_layout.addLayout(self.toolbar)
+        host_layout.addLayout(grid, 1)
+        self.sections = QTabWidget(self)
+        self.sections.setObjectName("nodeSections")
+        self.sections.setDocumentMode(True)
+        self.sections.addTab(host, "Host")
+        self.vm_table = GuestTable(
+            VM_COLUMNS,
+            "vmTable",
+            "No VMs in the node's last report. Its agent reads them from libvirt (libvirt_uri); "
+            "if VMs run there, the agent's log says why it cannot reach libvirt.",
+            "host_cpu_percent",
+            self,
+        )
+        self.container_table = GuestTable(
+            CONTAINER_COLUMNS,
+            "containerTable",
+            "No containers or units in the node's last report.",
+            "cpu_percent",
+            self,
+        )
+        self.gpu_table = GuestTable(
+            GPU_COLUMNS, "gpuTable", "No GPUs in the node's last report.", "util_percent", self
+        )
+        #: (prefix, table, tab label) of each guest tab; a tab shows once it has had rows.
+        self._guest_tabs: tuple[tuple[str, GuestTable, str], ...] = (
+            ("vm.", self.vm_table, "VMs"),
+            ("container.", self.container_table, "Containers"),
+            ("gpu.", self.gpu_table, "GPUs"),
+        )
+        for _prefix, table, label in self._guest_tabs:
+            i = self.sections.addTab(table, label)
+            self.sections.setTabVisible(i, False)
+        self._guests_from: dict[str, float] | None = None
+
         layout = QVBoxLayout(self)
         layout.setContentsMargins(12, 10, 12, 8)
         layout.setSpacing(8)
         layout.addLayout(self.header)
-        layout.addLayout(self.toolbar)
-        layout.addLayout(grid, 1)
+        layout.addWidget(self.sections, 1)
 
         self._timer = QTimer(self)
         self._timer.setInterval(REDRAW_MS)
@@ -717,6 +761,7 @@ class NodePage(QWidget):
         """Timer tick: redraw the live charts from the ring buffer if it changed."""
         self._update_readout()
         self._update_fs()
+        self._update_guests()
         ring = self.ring
         if self.range.key != "live" or ring is None or ring.version == self._drawn_version:
             return
@@ -734,6 +779,19 @@ class NodePage(QWidget):
             self.charts["cpu"].plot.setXRange(first, last if last > first else first + 1, padding=0.01)
         if self.range_info.text() == "" or self.range_info.text().startswith("Loading"):
             self.range_info.setText("Live · last 10 min · 1 s")
+
+    def _update_guests(self) -> None:
+        latest = self._latest
+        if latest is self._guests_from:
+            return
+        self._guests_from = latest
+        for prefix, table, label in self._guest_tabs:
+            rows = group_rows(latest, prefix)
+            i = self.sections.indexOf(table)
+            if rows or self.sections.isTabVisible(i):
+                table.show_rows(rows)
+                self.sections.setTabVisible(i, True)
+                self.sections.setTabText(i, f"{label} ({len(rows)})")
 
     def _update_readout(self) -> None:
         v = self._latest

@@ -5,9 +5,11 @@
 ``--pages`` renders only the Groups and Balance pages with sample data (fast).
 
 Starts a real collector (port 0) on a real embedded store in a temp dir,
-three in-process agents (one is stopped so that it turns unreachable) and an
-hour of synthetic history for one node, then saves: the overview, a node page
-(live and 1 h), the Add node dialog, and a window pointed at a closed port.
+three in-process agents (one is stopped so that it turns unreachable), a
+fourth with ten VMs of libvirt's test driver when libvirt-python is installed,
+and an hour of synthetic history for one node, then saves: the overview, a
+node page (live and 1 h), the VM host's VMs and Containers tabs, the Add node
+dialog, and a window pointed at a closed port.
 Then the Groups and Balance pages (``groups*.png``, ``balance*.png``) fed with
 the realistic answers of ``tests.gui.sample_data`` through their ``apply_*``
 slots, plus the window's own Groups and Balance tabs on the real collector.
@@ -16,6 +18,7 @@ Runs offscreen unless ``QT_QPA_PLATFORM`` says otherwise.  Not a test.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import random
@@ -40,6 +43,7 @@ from cloudmon_agent.agent import Agent
 from cloudmon_agent.config import AgentConfig
 
 TOKEN = "render-token-3f9a"
+TEN_VMS = Path(__file__).resolve().parents[1] / "unit" / "agent" / "data" / "libvirt-test-10vms.xml"
 
 
 def wait(app: QApplication, cond: Callable[[], bool], timeout: float = 20.0) -> None:
@@ -122,14 +126,25 @@ def render(outdir: Path, store: TelemetryStore, tmp: Path) -> None:
             agent = Agent(cfg)
             agent.start()
             agents.append(agent)
+        vm_host = None
+        if importlib.util.find_spec("libvirt") is not None:
+            # A VM host: ten domains of libvirt's test driver (in process, no daemon needed).
+            vm_host = "kvm-01-3a4b5c6d"
+            cfg = AgentConfig(
+                collector=collector.url, token=TOKEN, name="kvm-01", node_id=vm_host, state_dir=tmp / "kvm-01",
+                libvirt_uri=f"test://{TEN_VMS}", budget_ms=0,
+            )  # fmt: skip
+            agent = Agent(cfg)
+            agent.start()
+            agents.append(agent)
         window = MainWindow(collector.url, TOKEN, embedded=True)
         window.resize(1280, 800)
         window.show()
         window.start()
         w = window
-        wait(app, lambda: w.overview.model.rowCount() == 3)
+        wait(app, lambda: w.overview.model.rowCount() == len(agents))
         agents[2].close()  # batch-07 goes silent: it must turn unreachable
-        wait(app, lambda: w.overview.model.online_count() == 2, timeout=15)
+        wait(app, lambda: w.overview.model.online_count() == len(agents) - 1, timeout=15)
         settle(app, 1.5)
         grab(window, outdir / "overview.png")
 
@@ -147,6 +162,16 @@ def render(outdir: Path, store: TelemetryStore, tmp: Path) -> None:
         wait(app, lambda: page.history is not None, timeout=20)
         settle(app, 0.5)
         grab(window, outdir / "node-1h.png")
+
+        if vm_host is not None:
+            vm_page = window.open_node(vm_host)
+            wait(app, lambda: vm_page.vm_table.table.rowCount() == 10, timeout=20)
+            vm_page.sections.setCurrentWidget(vm_page.vm_table)
+            settle(app, 1.5)
+            grab(window, outdir / "node-vms.png")
+            vm_page.sections.setCurrentWidget(vm_page.container_table)
+            settle(app, 0.5)
+            grab(window, outdir / "node-containers.png")
 
         dialog = window.show_add_node()
         settle(app, 0.5)
