@@ -156,3 +156,42 @@ def test_missing_socket_and_garbage_peer_give_clear_errors(tmp_path: Path) -> No
     finally:
         t.join(timeout=10)
         srv.close()
+
+
+def test_a_truncated_reply_is_an_error_and_the_collector_reports_no_vms(tmp_path: Path) -> None:
+    """A peer that speaks the framing but sends a bulk-stats body that ends early."""
+    import struct
+
+    from cloudmon_agent.collectors.vms import VmCollector
+
+    path = str(tmp_path / "short.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            while True:
+                head = conn.recv(28)
+                if len(head) < 28:
+                    return
+                length, prog, vers, proc, _type, serial, _status = struct.unpack(">IIIiiIi", head)
+                if length > 28:
+                    conn.recv(length - 28)
+                body = {66: struct.pack(">I", 0), 1: b"", 2: b""}.get(
+                    proc, struct.pack(">I", 5)
+                )  # 5 records, none sent
+                conn.sendall(struct.pack(">IIIiiIi", 28 + len(body), prog, vers, proc, 1, serial, 0) + body)
+
+    t = threading.Thread(target=serve)
+    t.start()
+    c = VmCollector(f"qemu+unix:///system?socket={path}", host_cpus=2)  # straight to the bulk call
+    try:
+        assert c._lv is virtrpc
+        assert c.collect() == []  # the malformed answer drops the connection; no exception escapes
+        assert c._conn is None
+    finally:
+        c.close()
+        srv.close()
+        t.join(timeout=10)

@@ -34,7 +34,7 @@ import os
 import socket
 import struct
 from collections.abc import Callable
-from typing import Any, Final, NoReturn
+from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 # -- constants the collector uses (same values as libvirt-python's) -------------
@@ -78,6 +78,8 @@ _MEMORY_TAGS: Final = (
     "actual", "rss", "usable", "last_update", "disk_caches", "hugetlb_pgalloc", "hugetlb_pgfail",
 )  # fmt: skip
 _MEMORY_STATS_MAX: Final = 13
+
+_T = TypeVar("_T")
 
 _HEAD = struct.Struct(">IIIiiIi")  # length, prog, vers, proc, type, serial, status
 _U32 = struct.Struct(">I")
@@ -376,11 +378,7 @@ class virConnect:
         return out
 
     def getInfo(self) -> list[Any]:
-        r = _Reader(self._call(_PROC_NODE_GET_INFO, b""))
-        model = bytes(r.i32() & 0xFF for _ in range(32)).split(b"\0", 1)[0].decode("ascii", "replace")
-        memory_kib = r.u64()
-        cpus, mhz, nodes, sockets, cores, threads = (r.i32() for _ in range(6))
-        return [model, memory_kib >> 10, cpus, mhz, nodes, sockets, cores, threads]
+        return _parse(_decode_node_info, self._call(_PROC_NODE_GET_INFO, b""))
 
     def close(self) -> int:
         """Say goodbye to the daemon (briefly) and close the socket; safe to call twice."""
@@ -419,9 +417,8 @@ class virDomain:
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def XMLDesc(self, flags: int = 0) -> str:
-        return _Reader(
-            self._conn._call(_PROC_DOMAIN_GET_XML_DESC, _domain_ref(self._ref) + _U32.pack(flags))
-        ).string()
+        body = self._conn._call(_PROC_DOMAIN_GET_XML_DESC, _domain_ref(self._ref) + _U32.pack(flags))
+        return _parse(_Reader.string, body)
 
     def _one(self, what: str, *args: Any) -> Any:
         got = batch(self._conn, [(self, what, args)])[0]
@@ -463,8 +460,24 @@ def batch(conn: virConnect, calls: list[tuple[virDomain, str, tuple[Any, ...]]])
         if isinstance(body, libvirtError):
             out.append(body)
             continue
-        out.append(_DECODE[what](_Reader(body)))
+        out.append(_parse(_DECODE[what], body))
     return out
+
+
+def _parse(decode: Callable[[_Reader], _T], body: bytes) -> _T:
+    """``decode`` applied to a reply body; a body that does not decode is a :class:`libvirtError`."""
+    try:
+        return decode(_Reader(body))
+    except (struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise libvirtError(f"malformed libvirt reply: {exc}") from None
+
+
+def _decode_node_info(r: _Reader) -> list[Any]:
+    # char model[32] is 32 XDR ints; memory is in KiB, libvirt-python gives MiB.
+    model = bytes(r.i32() & 0xFF for _ in range(32)).split(b"\0", 1)[0].decode("ascii", "replace")
+    memory_kib = r.u64()
+    cpus, mhz, nodes, sockets, cores, threads = (r.i32() for _ in range(6))
+    return [model, memory_kib >> 10, cpus, mhz, nodes, sockets, cores, threads]
 
 
 def _decode_info(r: _Reader) -> list[int]:
