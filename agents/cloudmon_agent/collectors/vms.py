@@ -224,7 +224,7 @@ class VmCollector:
                 # Never connected yet (no libvirtd on this node is normal): info; lost it: warning.
                 log.log(
                     logging.WARNING if self._ever_connected else logging.INFO,
-                    "cannot connect to libvirt at %s (%s); no VMs reported, will retry",
+                    'cannot connect to libvirt at %s (%s); no VMs reported, will retry (libvirt_uri = "" turns VMs off)',
                     self.uri,
                     exc,
                 )
