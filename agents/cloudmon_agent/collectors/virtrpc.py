@@ -18,14 +18,15 @@ The module mimics the slice of libvirt-python the VM collector uses
 runs unchanged on either.  :func:`supports` says which URIs it speaks:
 local daemon URIs (``qemu:///system``, ``qemu:///session``, ``lxc:///system``
 ...) and ``DRIVER+unix:///PATH?socket=SOCK`` (e.g. a ``test:///`` driver
-served by a daemon), with no authentication or polkit (the read-only
-sockets need none).  Everything else (``test:///`` in-process, ``+ssh``,
-``+tls``, ``+tcp``, SASL) goes through libvirt-python as before.
+served by a daemon), over the read-only sockets, which ask for no
+authentication or for polkit (whose default policy lets anyone monitor).
+Everything else (``test:///`` in-process, ``+ssh``, ``+tls``, ``+tcp``, SASL)
+goes through libvirt-python as before.
 
-Robustness: every read is bounded by a timeout and by the protocol's own
-size limit (a bad length word drops the connection); a reply with the
-wrong serial, program or a truncated body raises :class:`libvirtError`, and
-the collector reconnects.
+Robustness: every socket operation is bounded by :data:`CALL_TIMEOUT_S` and
+every message by the protocol's own size limit (a bad length word drops the
+connection); a reply to another procedure, or a body that does not decode,
+raises :class:`libvirtError`, and the collector reconnects with back-off.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import socket
 import struct
 from collections.abc import Callable
 from typing import Any, Final, NoReturn, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 # -- constants the collector uses (same values as libvirt-python's) -------------
 VIR_DOMAIN_STATS_STATE: Final = 1
@@ -63,6 +64,7 @@ _PROC_DOMAIN_GET_INFO: Final = 16
 _PROC_DOMAIN_BLOCK_STATS: Final = 64
 _PROC_DOMAIN_INTERFACE_STATS: Final = 65
 _PROC_AUTH_LIST: Final = 66
+_PROC_AUTH_POLKIT: Final = 70
 _PROC_DOMAIN_MEMORY_STATS: Final = 159
 _PROC_CONNECT_GET_ALL_DOMAIN_STATS: Final = 344
 
@@ -71,6 +73,7 @@ _PROC_CONNECT_GET_ALL_DOMAIN_STATS: Final = 344
 CALL_TIMEOUT_S: Final = 3.0
 
 _AUTH_NONE: Final = 0
+_AUTH_POLKIT: Final = 2
 _VIR_CONNECT_RO: Final = 1
 #: virDomainMemoryStatTags -> the names libvirt-python's memoryStats() uses.
 _MEMORY_TAGS: Final = (
@@ -125,7 +128,7 @@ def _socket_and_name(uri: str) -> tuple[str, str] | None:
     query = parse_qsl(parts.query, keep_blank_values=True)
     sock = next((v for k, v in query if k == "socket"), None)
     rest = [(k, v) for k, v in query if k not in ("socket", "mode", "no_tty", "no_verify")]
-    name = f"{driver}://{parts.path}" + ("?" + "&".join(f"{k}={v}" for k, v in rest) if rest else "")
+    name = f"{driver}://{parts.path}" + ("?" + urlencode(rest, quote_via=quote) if rest else "")
     if transport == "unix" and sock:
         return sock, name
     if driver == "test":
@@ -275,13 +278,16 @@ class virConnect:
             self._abort()
             raise libvirtError(f"Failed to connect socket to '{path}': {exc.strerror or exc}") from None
         try:
-            auth = _Reader(self._call(_PROC_AUTH_LIST, b""))
-            types = [auth.i32() for _ in range(auth.u32())]
+            types = _parse(_decode_ints, self._call(_PROC_AUTH_LIST, b""))
             if types and _AUTH_NONE not in types:
-                _fail(
-                    f"the libvirt socket {path} asks for authentication (types {types}); "
-                    "use its read-only socket, or a URI libvirt-python opens (install cloudmon-agent[libvirt])"
-                )
+                if _AUTH_POLKIT not in types:
+                    _fail(
+                        f"the libvirt socket {path} asks for SASL authentication; use its read-only "
+                        "socket, or a URI libvirt-python opens (install cloudmon-agent[libvirt])"
+                    )
+                # polkit decides from this process's credentials (read-only monitoring is
+                # allowed to everyone by libvirt's default policy): just ask.
+                self._call(_PROC_AUTH_POLKIT, b"")
             self._call(_PROC_CONNECT_OPEN, _U32.pack(1) + _string(name) + _U32.pack(_VIR_CONNECT_RO))
         except BaseException:
             self._abort()
@@ -470,6 +476,10 @@ def _parse(decode: Callable[[_Reader], _T], body: bytes) -> _T:
         return decode(_Reader(body))
     except (struct.error, UnicodeDecodeError, ValueError) as exc:
         raise libvirtError(f"malformed libvirt reply: {exc}") from None
+
+
+def _decode_ints(r: _Reader) -> list[int]:
+    return [r.i32() for _ in range(r.u32())]
 
 
 def _decode_node_info(r: _Reader) -> list[Any]:
