@@ -123,6 +123,13 @@ def _node_info(report: Report) -> dict[str, object]:
         # Flattened values carry no VM state: the planner needs it to leave out stopped
         # VMs and a live migration's paused copy (cloudmon.rebalance.live).
         info["vms_not_running"] = stopped
+    # Flattened values carry no GPU model or owner either: the console's GPU table shows them.
+    names = {str(g.index): g.name for g in report.gpus if g.name}
+    if names:
+        info["gpu_names"] = names
+    owners = {str(g.index): g.vm for g in report.gpus if g.vm}
+    if owners:
+        info["gpu_vms"] = owners
     return info
 
 

@@ -28,12 +28,13 @@ class Column:
 
     title: str
     field: str | None
-    kind: str  # "name", "int", "pct", "bytes", "rate", "celsius", "watts"
+    kind: str  # "name", "text" (from the node's info), "int", "pct", "bytes", "rate", "celsius", "watts"
     tip: str
 
 
 VM_COLUMNS: tuple[Column, ...] = (
     Column("VM", None, "name", "The libvirt domain"),
+    Column("State", "state", "text", "running, paused, shutoff ... as libvirt says"),
     Column("vCPUs", "vcpus", "int", "Virtual CPUs"),
     Column("CPU", "cpu_percent", "pct", "CPU used, as a share of the VM's own vCPUs"),
     Column(
@@ -67,6 +68,13 @@ CONTAINER_COLUMNS: tuple[Column, ...] = (
 )
 GPU_COLUMNS: tuple[Column, ...] = (
     Column("GPU", None, "name", "NVIDIA GPU index on the host (NVML)"),
+    Column("Model", "model", "text", "As NVML names it"),
+    Column(
+        "Passed to",
+        "vm",
+        "text",
+        "The VM a passed-through GPU is assigned to (the host's NVML cannot see inside it)",
+    ),
     Column("Utilization", "util_percent", "pct", "Share of time a kernel ran"),
     Column("Memory used", "mem_used", "bytes", "GPU memory in use"),
     Column("Memory", "mem_total", "bytes", "GPU memory in all"),
@@ -85,6 +93,26 @@ def group_rows(latest: Mapping[str, float], prefix: str) -> dict[str, dict[str, 
         name, _, field = key[n:].rpartition(".")
         if name and field:
             out.setdefault(name, {})[field] = value
+    return out
+
+
+def guest_words(
+    prefix: str, rows: Mapping[str, Mapping[str, float]], info: Mapping[str, object]
+) -> dict[str, dict[str, str]]:
+    """The "text" columns of each row, from the node's info: a VM's state, a GPU's model and owner."""
+    out: dict[str, dict[str, str]] = {}
+    if prefix == "vm.":
+        stopped = info.get("vms_not_running")
+        states = stopped if isinstance(stopped, dict) else {}
+        for name in rows:
+            out[name] = {"state": str(states.get(name, "running"))}
+    elif prefix == "gpu.":
+        names, vms = info.get("gpu_names"), info.get("gpu_vms")
+        for idx in rows:
+            out[idx] = {
+                "model": str(names.get(idx, "")) if isinstance(names, dict) else "",
+                "vm": str(vms.get(idx, "")) if isinstance(vms, dict) else "",
+            }
     return out
 
 
@@ -149,6 +177,7 @@ class GuestTable(QWidget):
         self._stack.addWidget(self.empty)
         self._stack.addWidget(self.table)
         self._shown: dict[str, dict[str, float]] = {}
+        self._words: dict[str, dict[str, str]] = {}
 
     def names(self) -> list[str]:
         """The names in the table, in its current (sorted) order."""
@@ -159,11 +188,15 @@ class GuestTable(QWidget):
                 out.append(item.text())
         return out
 
-    def show_rows(self, rows: Mapping[str, Mapping[str, float]]) -> None:
-        """Show these rows (name -> field -> value); unchanged rows are not touched."""
-        if rows == self._shown:
+    def show_rows(
+        self, rows: Mapping[str, Mapping[str, float]], text: Mapping[str, Mapping[str, str]] | None = None
+    ) -> None:
+        """Show these rows (name -> field -> value; ``text``: name -> field -> words for "text" columns)."""
+        words = {k: dict(v) for k, v in (text or {}).items()}
+        if rows == self._shown and words == self._words:
             return
         self._shown = {k: dict(v) for k, v in rows.items()}
+        self._words = words
         self._stack.setCurrentWidget(self.table if rows else self.empty)
         t = self.table
         t.setSortingEnabled(False)  # re-sorted once below, not per cell
@@ -171,16 +204,21 @@ class GuestTable(QWidget):
         for r, name in enumerate(sorted(rows)):
             values = rows[name]
             for col, c in enumerate(self.columns):
-                value = None if c.field is None else values.get(c.field)
-                text = name if c.field is None else cell_text(c.kind, value)
+                value = None if c.field is None or c.kind == "text" else values.get(c.field)
+                if c.field is None:
+                    shown = name
+                elif c.kind == "text":
+                    shown = words.get(name, {}).get(c.field, "")
+                else:
+                    shown = cell_text(c.kind, value)
                 item = t.item(r, col)
                 if not isinstance(item, _Item):
                     item = _Item()
-                    if c.field is not None:
+                    if c.kind not in ("name", "text"):
                         item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
                     t.setItem(r, col, item)
-                item.setText(text)
-                if c.field is None:
+                item.setText(shown)
+                if c.kind in ("name", "text"):
                     item.setData(Qt.ItemDataRole.UserRole, None)  # names sort as text
                     item.setToolTip(name)
                 else:

@@ -50,7 +50,7 @@ from cloudmon.client import ApiClient, NodeDetail
 from cloudmon.model.cluster import NodeStatus, NodeSummary
 from cloudmon.store.base import SeriesResult
 from cloudmon.ui import format as fmt
-from cloudmon.ui.guests import CONTAINER_COLUMNS, GPU_COLUMNS, VM_COLUMNS, GuestTable, group_rows
+from cloudmon.ui.guests import CONTAINER_COLUMNS, GPU_COLUMNS, VM_COLUMNS, GuestTable, group_rows, guest_words
 from cloudmon.ui.ringbuffer import FloatArray, RingBuffer, compact
 from cloudmon.ui.workers import LiveSample, Reply, RequestTracker, RequestWorker, StreamState, StreamWorker
 
@@ -524,6 +524,7 @@ class NodePage(QWidget):
     def update_summary(self, summary: NodeSummary) -> None:
         """Header status from the overview's ``nodes`` events."""
         self.summary = summary
+        self._guests_from = None  # VM states and GPU names come with the summary
         self.title.setText(summary.hostname)
         online = summary.status == NodeStatus.ONLINE
         self.status_pill.setText("● online" if online else "● unreachable")
@@ -785,11 +786,12 @@ class NodePage(QWidget):
         if latest is self._guests_from:
             return
         self._guests_from = latest
+        info = self.summary.info if self.summary is not None else {}
         for prefix, table, label in self._guest_tabs:
             rows = group_rows(latest, prefix)
             i = self.sections.indexOf(table)
             if rows or self.sections.isTabVisible(i):
-                table.show_rows(rows)
+                table.show_rows(rows, guest_words(prefix, rows, info))
                 self.sections.setTabVisible(i, True)
                 self.sections.setTabText(i, f"{label} ({len(rows)})")
 

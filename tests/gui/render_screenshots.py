@@ -201,11 +201,39 @@ def render(outdir: Path, store: TelemetryStore, tmp: Path) -> None:
     render_pages(outdir, app)
 
 
+def render_gpu_page(outdir: Path, app: QApplication) -> None:
+    """A node page's GPUs tab with the report ``bench_gpu.py`` took on an NVIDIA H100 (no worker started)."""
+    from cloudmon.client import NodeDetail
+    from cloudmon.collector.server import _node_info
+    from cloudmon.model.cluster import NodeSummary
+    from cloudmon.ui.nodepage import NodePage
+    from cloudmon_agent.schema import decode_report, flatten
+
+    report = decode_report((Path(__file__).parent / "data" / "h100-report.json").read_bytes())
+    latest = flatten(report)
+    info = _node_info(report)  # what the collector keeps beside the flattened values
+    summary = NodeSummary(report.node_id, report.node.hostname, "online", report.ts, report.ts, 1.0, info, {})
+    page = NodePage("http://127.0.0.1:9", None, report.node_id, summary)
+    page.resize(1280, 520)
+    page.show()
+    try:
+        page._on_detail(NodeDetail(node=summary, latest=latest, metrics=sorted(latest)))
+        page.redraw()
+        page.sections.setCurrentWidget(page.gpu_table)
+        settle(app, 0.3)
+        grab(page, outdir / "node-gpus.png")
+    finally:
+        page.shutdown()
+        page.close()
+
+
 def render_pages(outdir: Path, app: QApplication) -> None:
     """The Groups and Balance pages with realistic data, standalone (no worker started)."""
     from cloudmon.ui.balance import BalancePage
     from cloudmon.ui.groups import GroupsPage
     from tests.gui import sample_data
+
+    render_gpu_page(outdir, app)
 
     now = time.time()
     groups = GroupsPage("http://127.0.0.1:9", None)

@@ -80,8 +80,35 @@ def test_node_page_lists_the_nodes_vms_biggest_host_cpu_first(
         mem_col = next(k for k, c in enumerate(VM_COLUMNS) if c.field == "mem_max")
         assert {_cell(vms, r, vcpu_col).text() for r in range(10)} == {"2"}
         assert {_cell(vms, r, mem_col).text() for r in range(10)} == {"1.00 GiB"}
+        assert {_cell(vms, r, 1).text() for r in range(10)} == {"running"}  # the State column
         # The host's charts are still the first tab; no GPU tab on a node without GPUs.
         assert page.sections.currentIndex() == 0
         assert not page.sections.isTabVisible(page.sections.indexOf(page.gpu_table))
     finally:
         agent.close()
+
+
+def test_gpu_tab_shows_a_real_h100_report(qtbot: QtBot) -> None:
+    """The report ``bench_gpu.py`` took on an NVIDIA H100 under load, flattened as the collector does."""
+    from cloudmon.client import NodeDetail
+    from cloudmon.collector.server import _node_info
+    from cloudmon.model.cluster import NodeSummary
+    from cloudmon.ui.nodepage import NodePage
+    from cloudmon_agent.schema import decode_report, flatten
+
+    report = decode_report((Path(__file__).parent / "data" / "h100-report.json").read_bytes())
+    latest = flatten(report)
+    info = _node_info(report)  # what the collector keeps beside the flattened values
+    summary = NodeSummary(report.node_id, report.node.hostname, "online", report.ts, report.ts, 1.0, info, {})
+    page = NodePage("http://127.0.0.1:9", None, report.node_id)  # never started: no network
+    qtbot.addWidget(page)
+    page._on_detail(NodeDetail(node=summary, latest=latest, metrics=sorted(latest)))
+    page.redraw()
+    gpus = page.gpu_table
+    i = page.sections.indexOf(gpus)
+    assert page.sections.isTabVisible(i)
+    assert page.sections.tabText(i) == "GPUs (1)"
+    cells = [_cell(gpus, 0, c).text() for c in range(gpus.table.columnCount())]
+    assert cells == ["0", "NVIDIA H100 80GB HBM3", "", "99.0 %", "1.83 GiB", "79.6 GiB", "62 °C", "696 W"]
+    assert not page.sections.isTabVisible(page.sections.indexOf(page.vm_table))  # that node had no VMs
+    page.shutdown()
