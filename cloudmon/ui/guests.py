@@ -200,33 +200,45 @@ class GuestTable(QWidget):
         self._stack.setCurrentWidget(self.table if rows else self.empty)
         t = self.table
         t.setSortingEnabled(False)  # re-sorted once below, not per cell
-        t.setRowCount(len(rows))
-        for r, name in enumerate(sorted(rows)):
-            values = rows[name]
-            for col, c in enumerate(self.columns):
-                value = None if c.field is None or c.kind == "text" else values.get(c.field)
-                if c.field is None:
-                    shown = name
-                elif c.kind == "text":
-                    shown = words.get(name, {}).get(c.field, "")
-                else:
-                    shown = cell_text(c.kind, value)
-                item = t.item(r, col)
-                if not isinstance(item, _Item):
-                    item = _Item()
-                    if c.kind not in ("name", "text"):
-                        item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
-                    t.setItem(r, col, item)
-                item.setText(shown)
-                if c.kind in ("name", "text"):
-                    item.setData(Qt.ItemDataRole.UserRole, None)  # names sort as text
-                    item.setToolTip(name)
-                else:
-                    item.setData(Qt.ItemDataRole.UserRole, float(value) if value is not None else -1.0)
-                if c.kind == "pct":
-                    if value is None:
-                        item.setData(Qt.ItemDataRole.BackgroundRole, None)
-                    else:
-                        red, green, blue = fmt.load_colour(value)
-                        item.setBackground(QColor(red, green, blue))
+        # Each guest keeps its row (found by name), so a selected row stays on its guest when
+        # the figures, and with them the order, change; gone guests lose their rows.
+        at = {name: r for r, name in enumerate(self.names())}
+        for r in sorted((r for name, r in at.items() if name not in rows), reverse=True):
+            t.removeRow(r)
+        at = {name: r for r, name in enumerate(self.names())}
+        for name in sorted(rows):
+            row = at.get(name)
+            if row is None:
+                row = t.rowCount()
+                t.insertRow(row)
+            self._fill(row, name, rows[name], words.get(name, {}))
         t.setSortingEnabled(True)
+
+    def _fill(self, r: int, name: str, values: Mapping[str, float], words: Mapping[str, str]) -> None:
+        t = self.table
+        for col, c in enumerate(self.columns):
+            value = None if c.field is None or c.kind == "text" else values.get(c.field)
+            if c.field is None:
+                shown = name
+            elif c.kind == "text":
+                shown = words.get(c.field, "")
+            else:
+                shown = cell_text(c.kind, value)
+            item = t.item(r, col)
+            if not isinstance(item, _Item):
+                item = _Item()
+                if c.kind not in ("name", "text"):
+                    item.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+                t.setItem(r, col, item)
+            item.setText(shown)
+            if c.kind in ("name", "text"):
+                item.setData(Qt.ItemDataRole.UserRole, None)  # names sort as text
+                item.setToolTip(name)
+            else:
+                item.setData(Qt.ItemDataRole.UserRole, float(value) if value is not None else -1.0)
+            if c.kind == "pct":
+                if value is None:
+                    item.setData(Qt.ItemDataRole.BackgroundRole, None)
+                else:
+                    red, green, blue = fmt.load_colour(value)
+                    item.setBackground(QColor(red, green, blue))

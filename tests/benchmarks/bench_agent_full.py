@@ -151,6 +151,13 @@ def start_libvirtd() -> tuple[Any, str, int] | str:
     return lab, f"test+unix://{TEN_VMS}?socket={host.socket_path}", host.pid
 
 
+def tids(pid: int) -> frozenset[str]:
+    try:
+        return frozenset(os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return frozenset()
+
+
 def cpu_ns(pid: int) -> int:
     """Nanoseconds on the CPU of every live thread of ``pid`` (``/proc/PID/task/*/schedstat``)."""
     total = 0
@@ -340,6 +347,7 @@ def main() -> int:
                 watched["libvirtd (serving the full agent)"] = daemon_pid
             time.sleep(args.warmup)  # startup and the budget's settling are not steady-state cost
             start_cpu = {name: cpu_ns(pid) for name, pid in watched.items()}
+            start_tids = {name: tids(pid) for name, pid in watched.items()}
             rss: dict[str, list[int]] = {name: [] for name in watched}
             uss: dict[str, list[int]] = {name: [] for name in watched}
             pss: dict[str, list[int]] = {name: [] for name in watched}
@@ -352,6 +360,10 @@ def main() -> int:
                 time.sleep(min(1.0, args.seconds - elapsed))
             elapsed = time.monotonic() - t0
             end_cpu = {name: cpu_ns(pid) for name, pid in watched.items()}
+            for name, pid in watched.items():
+                if tids(pid) != start_tids[name]:
+                    # schedstat sums live threads only: one that came or went skews the row.
+                    notes.append(f"{name}: its threads changed during the window; its CPU row is approximate")
         finally:
             stop_scraper.set()
             if scraper is not None:

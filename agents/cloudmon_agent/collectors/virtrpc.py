@@ -31,9 +31,11 @@ raises :class:`libvirtError`, and the collector reconnects with back-off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Callable
 from typing import Any, Final, NoReturn, TypeVar
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit
@@ -68,9 +70,15 @@ _PROC_AUTH_POLKIT: Final = 70
 _PROC_DOMAIN_MEMORY_STATS: Final = 159
 _PROC_CONNECT_GET_ALL_DOMAIN_STATS: Final = 344
 
-#: Longest wait for the daemon on any one socket operation: a hung daemon stalls the
-#: sampling thread at most this long per try (then the collector backs off, 2 s ... 60 s).
+#: Longest wait for the daemon's answer to one call (or one pipelined batch): a hung
+#: daemon stalls the sampling thread at most this long per try (then the collector
+#: backs off, 2 s ... 60 s).
 CALL_TIMEOUT_S: Final = 3.0
+#: :meth:`libvirtError.get_error_code` of a socket that wants SASL: only libvirt-python can go on.
+AUTH_REQUIRED: Final = -2
+
+#: Most calls written before their answers are read.
+_BATCH_MAX: Final = 256
 
 _AUTH_NONE: Final = 0
 _AUTH_POLKIT: Final = 2
@@ -107,8 +115,8 @@ class libvirtError(Exception):
         return self.code
 
 
-def _fail(message: str) -> NoReturn:
-    raise libvirtError(message)
+def _fail(message: str, code: int = -1) -> NoReturn:
+    raise libvirtError(message, code)
 
 
 def registerErrorHandler(_handler: Any, _ctx: Any) -> None:
@@ -126,10 +134,14 @@ def _socket_and_name(uri: str) -> tuple[str, str] | None:
     if not driver or parts.netloc or transport not in ("", "unix"):
         return None
     query = parse_qsl(parts.query, keep_blank_values=True)
-    sock = next((v for k, v in query if k == "socket"), None)
-    rest = [(k, v) for k, v in query if k not in ("socket", "mode", "no_tty", "no_verify")]
-    name = f"{driver}://{parts.path}" + ("?" + urlencode(rest, quote_via=quote) if rest else "")
-    if transport == "unix" and sock:
+    given = dict(query)
+    sock = given.get("socket")
+    # The remote driver's own parameters stay here; the rest belong to the URI the daemon opens.
+    rest = [(k, v) for k, v in query if k not in ("socket", "mode", "no_tty", "no_verify", "name")]
+    name = given.get("name") or f"{driver}://{parts.path}" + (
+        "?" + urlencode(rest, quote_via=quote) if rest else ""
+    )
+    if sock:
         return sock, name
     if driver == "test":
         return None  # test:/// runs inside the client library: no daemon to ask
@@ -265,14 +277,18 @@ def _domain_ref(dom: tuple[str, bytes, int]) -> bytes:
 class virConnect:
     """One read-only connection to a libvirt daemon (not thread-safe: the collector owns it)."""
 
-    def __init__(self, path: str, name: str, timeout: float = CALL_TIMEOUT_S) -> None:
+    def __init__(self, path: str, name: str, timeout: float | None = None) -> None:
         self.path = path
+        #: Seconds the daemon has to answer one call (:data:`CALL_TIMEOUT_S` unless given).
+        self.timeout = CALL_TIMEOUT_S if timeout is None else timeout
         self._serial = 0
         self._buf = bytearray()
         self._opened = False
+        self._deadline = 0.0
+        self._sock: socket.socket | None = None
         try:
-            self._sock: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self._sock.settimeout(timeout)
+            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self._sock.settimeout(self.timeout)
             self._sock.connect(path)
         except OSError as exc:
             self._abort()
@@ -282,8 +298,9 @@ class virConnect:
             if types and _AUTH_NONE not in types:
                 if _AUTH_POLKIT not in types:
                     _fail(
-                        f"the libvirt socket {path} asks for SASL authentication; use its read-only "
-                        "socket, or a URI libvirt-python opens (install cloudmon-agent[libvirt])"
+                        f"the libvirt socket {path} asks for SASL authentication, which only "
+                        "libvirt-python speaks (install cloudmon-agent[libvirt])",
+                        AUTH_REQUIRED,
                     )
                 # polkit decides from this process's credentials (read-only monitoring is
                 # allowed to everyone by libvirt's default policy): just ask.
@@ -312,10 +329,16 @@ class virConnect:
         sock = self._sock
         if sock is None:
             raise libvirtError("the libvirt connection is closed")
+        if self._serial + len(calls) >= 0xFFFFFFFF:
+            self._serial = 0  # serials are 32 bits; none is outstanding between calls
         first = self._serial + 1
         self._serial += len(calls)
         out: list[bytes | libvirtError | None] = [None] * len(calls)
+        # One deadline for the whole exchange, not one per read: a daemon that trickles
+        # bytes cannot hold the sampling thread longer than this.
+        self._deadline = time.monotonic() + self.timeout
         try:
+            sock.settimeout(self.timeout)
             sock.sendall(
                 b"".join(
                     _HEAD.pack(28 + len(args), _PROGRAM, _VERSION, proc, _CALL, first + i, _OK) + args
@@ -345,8 +368,11 @@ class virConnect:
                 waiting -= 1
         except OSError as exc:
             self._abort()
-            raise libvirtError(f"libvirt connection to {self.path} failed: {exc}") from None
-        except (libvirtError, struct.error):
+            raise libvirtError(f"libvirt connection to {self.path} failed: {exc or 'timed out'}") from None
+        except struct.error as exc:  # an error body too short to hold its code
+            self._abort()
+            raise libvirtError(f"malformed libvirt reply: {exc}") from None
+        except libvirtError:
             self._abort()
             raise
         return [o if o is not None else libvirtError("no reply") for o in out]
@@ -360,6 +386,10 @@ class virConnect:
         assert self._sock is not None
         buf = self._buf
         while len(buf) < n:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+            self._sock.settimeout(left)
             b = self._sock.recv(max(n - len(buf), 1 << 18))
             if not b:
                 raise libvirtError(f"libvirt at {self.path} closed the connection")
@@ -390,11 +420,9 @@ class virConnect:
         """Say goodbye to the daemon (briefly) and close the socket; safe to call twice."""
         if self._opened and self._sock is not None:
             self._opened = False
-            try:
-                self._sock.settimeout(1.0)
+            self.timeout = min(self.timeout, 1.0)  # a goodbye is not worth waiting for
+            with contextlib.suppress(libvirtError):
                 self._call(_PROC_CONNECT_CLOSE, b"")
-            except libvirtError:
-                pass
         self._abort()
         return 0
 
@@ -461,8 +489,11 @@ def batch(conn: virConnect, calls: list[tuple[virDomain, str, tuple[Any, ...]]])
             reqs.append((_PROC_DOMAIN_INTERFACE_STATS, ref + _string(args[0])))
         else:
             raise ValueError(f"no batched call {what!r}")
+    bodies: list[bytes | libvirtError] = []
+    for at in range(0, len(reqs), _BATCH_MAX):  # bounded, so neither side's buffers fill up
+        bodies += conn._calls(reqs[at : at + _BATCH_MAX])
     out: list[Any] = []
-    for (_, what, _), body in zip(calls, conn._calls(reqs) if reqs else [], strict=True):
+    for (_, what, _), body in zip(calls, bodies, strict=True):
         if isinstance(body, libvirtError):
             out.append(body)
             continue

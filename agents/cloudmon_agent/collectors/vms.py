@@ -220,33 +220,54 @@ class VmCollector:
             if self._host_cpus is None:
                 self._host_cpus = int(conn.getInfo()[2]) or 1
         except self._lv.libvirtError as exc:
+            if self._use_libvirt_python(exc):
+                return self._connect()
             if not self._down_logged:
                 # Never connected yet (no libvirtd on this node is normal): info; lost it: warning.
                 log.log(
                     logging.WARNING if self._ever_connected else logging.INFO,
-                    'cannot connect to libvirt at %s (%s); no VMs reported, will retry (libvirt_uri = "" turns VMs off)',
+                    "cannot connect to libvirt at %s (%s); no VMs reported, will retry "
+                    '(libvirt_uri = "" turns VMs off)',
                     self.uri,
                     exc,
                 )
                 self._down_logged = True
-            self._next_try = now + self._delay
-            self._delay = min(self._delay * 2, _RETRY_MAX)
+            self._back_off()
             return None
-        if self._down_logged:
-            log.info("connected to libvirt at %s again", self.uri)
-        self._down_logged = False
-        self._ever_connected = True
-        self._delay = _RETRY_MIN
         self._conn = conn
         return conn
 
-    def _drop(self, exc: Exception) -> None:
-        log.warning("libvirt at %s failed (%s); no VMs reported, will reconnect", self.uri, exc)
-        self._down_logged = True
-        conn, self._conn = self._conn, None
+    def _use_libvirt_python(self, exc: Exception) -> bool:
+        """Switch from the agent's own client to libvirt-python where only it can authenticate."""
+        from cloudmon_agent.collectors import virtrpc
+
+        if self._lv is not virtrpc or getattr(exc, "code", None) != virtrpc.AUTH_REQUIRED:
+            return False
+        try:
+            import libvirt
+        except ImportError:
+            return False
+        log.info("libvirt at %s wants SASL: reading it through libvirt-python", self.uri)
+        libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+        self._lv = libvirt
+        return True
+
+    def _back_off(self) -> None:
         self._next_try = self._clock() + self._delay
-        with contextlib.suppress(self._lv.libvirtError):
-            conn.close()
+        self._delay = min(self._delay * 2, _RETRY_MAX)
+
+    def _drop(self, exc: Exception) -> None:
+        # Logged once per outage: a daemon that accepts and then hangs is retried with a
+        # growing delay (2 s ... 60 s), and only a good sample resets it.
+        if not self._down_logged:
+            log.warning("libvirt at %s failed (%s); no VMs reported, will reconnect", self.uri, exc)
+            self._down_logged = True
+        conn, self._conn = self._conn, None
+        self._xml_key = frozenset()  # the XML cache may be incomplete: rebuild it on reconnect
+        self._back_off()
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
 
     # -- sampling ---------------------------------------------------------------
     def prime(self) -> None:
@@ -254,29 +275,37 @@ class VmCollector:
         self.collect()
 
     def collect(self) -> list[Vm]:
-        """One sample of every domain; an empty list while libvirt is unreachable."""
+        """One sample of every domain; an empty list while libvirt is unreachable (never raises)."""
         conn = self._connect()
         if conn is None:
             return []
         try:
-            stats = conn.getAllDomainStats(self._flags)
+            vms = self._sample(conn)
         except self._lv.libvirtError as exc:
             self._drop(exc)
             return []
+        except Exception as exc:  # a malformed answer or a bug must not cost the report its host figures
+            log.exception("reading VMs from libvirt at %s failed", self.uri)
+            self._drop(exc)
+            return []
+        if self._down_logged and self._ever_connected:
+            log.info("connected to libvirt at %s again", self.uri)
+        self._down_logged = False
+        self._ever_connected = True
+        self._delay = _RETRY_MIN
+        return vms
+
+    def _sample(self, conn: Any) -> list[Vm]:
+        stats = conn.getAllDomainStats(self._flags)
         now = self._clock()
         doms = [(dom.UUIDString(), dom, st) for dom, st in stats]
         key = frozenset((u, int(st.get("state.state", 0))) for u, _, st in doms)
-        if key != self._xml_key:
-            self._refresh_xml(doms)
+        if key != self._xml_key and self._refresh_xml(doms):
             self._xml_key = key
         cpu_raw: dict[str, tuple[float]] = {}
         io_raw: dict[str, tuple[int, ...]] = {}
         rows: list[tuple[Any, str, dict[str, Any], list[str], list[str]]] = []
-        try:
-            filled = self._fill_missing(doms)
-        except self._lv.libvirtError as exc:
-            self._drop(exc)
-            return []
+        filled = self._fill_missing(doms)
         for uuid, dom, st in doms:
             if uuid not in filled:
                 continue
@@ -344,16 +373,20 @@ class VmCollector:
         """PCI address -> VM name for host devices assigned to domains (as of the last collect)."""
         return self.last_gpu_owners
 
-    def _refresh_xml(self, doms: list[tuple[str, Any, dict[str, Any]]]) -> None:
+    def _refresh_xml(self, doms: list[tuple[str, Any, dict[str, Any]]]) -> bool:
+        """Re-read every domain's XML; False if one failed (then it is tried again next time)."""
         cache: dict[str, DomainXml] = {}
+        complete = True
         for uuid, dom, _ in doms:
             try:
                 xml = dom.XMLDesc(0)
             except self._lv.libvirtError as exc:
                 log.debug("XMLDesc of %s failed: %s", uuid, exc)
+                complete = False
                 continue
             cache[uuid] = parse_domain_xml(xml)
         self._xml_cache = cache
+        return complete
 
     def _disk_names(self, st: dict[str, Any], uuid: str) -> list[str]:
         n = int(st.get("block.count", 0))

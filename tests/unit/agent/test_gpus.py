@@ -117,6 +117,11 @@ def test_real_gpu_agrees_with_nvidia_smi_and_sees_a_working_process() -> None:
         load = subprocess.Popen([sys.executable, "-c", GPU_LOAD, "60"], stdout=subprocess.PIPE, text=True)
         try:
             assert load.stdout is not None
+            import selectors
+
+            with selectors.DefaultSelector() as sel:  # PyTorch's start-up, bounded
+                sel.register(load.stdout, selectors.EVENT_READ)
+                assert sel.select(120), "the GPU load process did not start within 120 s"
             assert load.stdout.readline().strip() == "ready"
             best = 0.0
             mine = None
