@@ -5,7 +5,7 @@
 The same pieces as ``cloudmon demo``: an embedded runtime (collector, store,
 control loops) in a temp dir, the simulated cluster reporting over HTTP, the
 demo group; then the real main window.  After ``--minutes`` it saves the
-Overview, the Groups page (the group's activity) and the Balance page, then
+Overview, a host's VMs tab, the Groups page (the group's activity) and the Balance page, then
 clicks **Compute plan** and **Approve and run** as an operator would and saves
 the page again when the plan has run.  Offscreen unless ``QT_QPA_PLATFORM``
 says otherwise.  Not a test.
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             window.start()
             settle(app, 5)
             window.grab().save(str(out / "demo-overview.png"))
+            save_vm_host(app, window, out / "demo-node-vms.png")
             groups = window.open_groups()
             end = time.monotonic() + args.minutes * 60
             while time.monotonic() < end:
@@ -84,6 +85,23 @@ def main(argv: list[str] | None = None) -> int:
             runtime.close()
     print(f"saved in {out}")
     return 0
+
+
+def save_vm_host(app: QApplication, window: MainWindow, path: Path) -> None:
+    """The VMs tab of the first simulated host that reports VMs."""
+    for node in window.overview.model.nodes():
+        page = window.open_node(node.node_id)
+        try:
+            wait(app, lambda p=page: p.vm_table.table.rowCount() > 0, 5)
+        except TimeoutError:
+            window._close_page(page)
+            continue
+        page.sections.setCurrentWidget(page.vm_table)
+        settle(app, 1)
+        window.grab().save(str(path))
+        window._close_page(page)
+        return
+    print("no simulated host reported VMs", flush=True)
 
 
 if __name__ == "__main__":
