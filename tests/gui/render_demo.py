@@ -27,6 +27,7 @@ from PySide6.QtWidgets import QApplication
 from cloudmon.config import Config
 from cloudmon.runtime import EmbeddedRuntime
 from cloudmon.sim.demo import build_demo
+from cloudmon.ui.nodepage import NodePage
 from cloudmon.ui.theme import apply_theme
 from cloudmon.ui.window import MainWindow
 from tests.gui.render_screenshots import settle, wait
@@ -91,8 +92,12 @@ def save_vm_host(app: QApplication, window: MainWindow, path: Path) -> None:
     """The VMs tab of the first simulated host that reports VMs."""
     for node in window.overview.model.nodes():
         page = window.open_node(node.node_id)
+
+        def has_vms(p: NodePage = page) -> bool:
+            return p.vm_table.table.rowCount() > 0
+
         try:
-            wait(app, lambda p=page: p.vm_table.table.rowCount() > 0, 5)
+            wait(app, has_vms, 5)
         except TimeoutError:
             window._close_page(page)
             continue
