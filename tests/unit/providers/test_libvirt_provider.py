@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,11 @@ def provider() -> Iterator[LibvirtProvider]:
         yield p
     finally:
         p.close()
+    # An abandoned worker ends on its own once its stuck call returns (after the test
+    # released it): wait for that, boundedly, instead of racing it.
+    deadline = time.monotonic() + 10
+    while _libvirt_threads() and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert _libvirt_threads() == []
 
 
