@@ -1,13 +1,11 @@
 """The agent's own libvirt RPC client against a real libvirtd, checked call by call against libvirt-python.
 
-(Peers that misbehave are in tests/unit/agent/test_virtrpc.py.)
-
 One libvirtd (tests/integration/vmhost.py, no guests) serves libvirt's test driver
 with the 10-domain host of the agent benchmark over its Unix socket
 (``test+unix:///FILE?socket=SOCK``).  Both clients ask the same daemon the same
 questions and must get the same answers; then the VM collector must report the
-same VMs through either.  A peer that speaks garbage must give a clear error, not
-a hang.  Needs root and libvirtd (as the QEMU tests do).
+same VMs through either.  Peers that misbehave are in
+tests/unit/agent/test_virtrpc.py.  Needs root and libvirtd (as the QEMU tests do).
 """
 
 from __future__ import annotations

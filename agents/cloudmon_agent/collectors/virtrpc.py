@@ -400,18 +400,15 @@ class virConnect:
 
     # the API the collector uses
     def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[virDomain, dict[str, Any]]]:
-        r = _Reader(
-            self._call(_PROC_CONNECT_GET_ALL_DOMAIN_STATS, _U32.pack(0) + _U32.pack(stats) + _U32.pack(flags))
+        body = self._call(
+            _PROC_CONNECT_GET_ALL_DOMAIN_STATS, _U32.pack(0) + _U32.pack(stats) + _U32.pack(flags)
         )
-        try:
-            out = []
-            for _ in range(r.u32()):
-                dom = r.domain()
-                out.append((virDomain(self, dom), r.typed_params()))
-        except (struct.error, UnicodeDecodeError) as exc:
-            self._abort()
-            raise libvirtError(f"malformed libvirt reply: {exc}") from None
-        return out
+
+        def records(r: _Reader) -> list[tuple[virDomain, dict[str, Any]]]:
+            # Each record: the domain, then its typed parameters (evaluated in that order).
+            return [(virDomain(self, r.domain()), r.typed_params()) for _ in range(r.u32())]
+
+        return _parse(records, body)
 
     def getInfo(self) -> list[Any]:
         return _parse(_decode_node_info, self._call(_PROC_NODE_GET_INFO, b""))
