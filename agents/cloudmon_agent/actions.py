@@ -33,11 +33,8 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
-
-import msgspec
 
 from cloudmon_agent.schema import (
     ACTIONS,
@@ -51,6 +48,7 @@ from cloudmon_agent.schema import (
     VmRef,
     command_params,
 )
+from cloudmon_agent.wire import DecodeError, Struct, asdict, decoder, encode
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +71,7 @@ def not_allowed_message(action: str) -> str:
     )
 
 
-class _Entry(msgspec.Struct, omit_defaults=True):
+class _Entry(Struct, omit_defaults=True):
     """One journal line: a command taken, its result, or the acknowledgement of that result."""
 
     id: str
@@ -93,7 +91,6 @@ class Journal:
         self.path = path
         self._fd: int | None = None
         self._lines = 0
-        self._enc = msgspec.json.Encoder()
         #: id -> "taken" | "result" | "acked", oldest first.
         self.seen: collections.OrderedDict[str, str] = collections.OrderedDict()
         #: Results not yet acknowledged, by id, oldest first.
@@ -105,7 +102,7 @@ class Journal:
 
     def _load(self, path: Path) -> None:
         actions: dict[str, str] = {}
-        dec = msgspec.json.Decoder(_Entry)
+        dec = decoder(_Entry)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             data = path.read_bytes() if path.exists() else b""
@@ -113,8 +110,8 @@ class Journal:
             raise OSError(f"cannot read the command journal {path}: {exc.strerror or exc}") from None
         for line in data.splitlines():
             try:
-                e = dec.decode(line)
-            except msgspec.DecodeError:
+                e = dec(line)
+            except DecodeError:
                 continue  # a torn last line from a crash: that event never completed
             self._apply(e)
             if e.event == "taken":
@@ -148,9 +145,9 @@ class Journal:
         with open(tmp, "wb") as fh:
             for i, state in self.seen.items():
                 if state == "result" and i in self.unacked:
-                    fh.write(self._enc.encode(_Entry(i, "result", result=self.unacked[i])) + b"\n")
+                    fh.write(encode(_Entry(i, "result", result=self.unacked[i])) + b"\n")
                 else:
-                    fh.write(self._enc.encode(_Entry(i, state if state != "result" else "acked")) + b"\n")
+                    fh.write(encode(_Entry(i, state if state != "result" else "acked")) + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -161,7 +158,7 @@ class Journal:
         self._apply(entry)
         if self._fd is None:
             return
-        os.write(self._fd, self._enc.encode(entry) + b"\n")
+        os.write(self._fd, encode(entry) + b"\n")
         os.fsync(self._fd)
         self._lines += 1
         if self._lines > COMPACT_AFTER and self.path is not None:
@@ -176,8 +173,7 @@ class Journal:
             self._fd = None
 
 
-@dataclass(slots=True)
-class _Task:
+class _Task(Struct):
     command: Command
     #: Monotonic time by which it must be done (received + the command's timeout_s).
     deadline: float
@@ -394,7 +390,7 @@ class Executor:
                 return self._migrate(cmd, conn, params, left)
             if isinstance(params, CreateParams):
                 self._check_paths(params)
-                spec = vmops.VmSpec(**msgspec.structs.asdict(params))
+                spec = vmops.VmSpec(**asdict(params))
                 uuid = vmops.create_vm(conn, spec)
                 return {"vm": params.name, "uuid": uuid, "state": vmops.vm_state(conn, params.name)}
             # Only VMs cloudmon made: the collector's token must not stop or delete others.

@@ -59,7 +59,6 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Final
 
 from cloudmon_agent import __version__
@@ -78,6 +77,7 @@ from cloudmon_agent.transport import (
     Transport,
     TransportError,
 )
+from cloudmon_agent.wire import Struct
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,7 @@ class LinkState(enum.Enum):
     AUTH_REJECTED = "auth-rejected"
 
 
-@dataclass(frozen=True, slots=True)
-class AgentCounters:
+class AgentCounters(Struct, frozen=True):
     """A snapshot of what the agent has done since it started."""
 
     sampled: int

@@ -10,9 +10,9 @@ exit status 0; a configuration error exits with 2.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,11 +20,18 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any, Final
 
+import cloudmon_agent
 from cloudmon_agent import __version__
-from cloudmon_agent.agent import Agent
-from cloudmon_agent.config import AgentConfig, ConfigError, load_config
-from cloudmon_agent.schema import encode
+
+if TYPE_CHECKING:
+    import argparse
+
+    from cloudmon_agent.config import AgentConfig
+
+# The agent's modules are imported in main(), after _choose_wire(): they declare
+# their record types against cloudmon_agent.wire, which binds on first import.
 
 log = logging.getLogger("cloudmon_agent")
 
@@ -36,75 +43,96 @@ in /etc/cloudmon/agent.toml (or pass --config FILE).
 To print one report without a collector: cloudmon-agent --once"""
 
 
+#: Every flag but --help and --version: (flag, metavar or None for a switch, help, group).
+#: A switch sets its setting to False (``--no-gpus``: gpus) or, for --once, True.
+OPTIONS: Final[tuple[tuple[str, str | None, str, str], ...]] = (
+    ("--collector", "URL", "collector base URL, e.g. http://10.0.0.5:8470", ""),
+    ("--token", "T", "the collector's bearer token (or CLOUDMON_TOKEN)", ""),
+    ("--interval", "S", "seconds between samples (default 1)", ""),
+    ("--node-id", "ID", "node id (default: generated once, kept in the state dir)", ""),
+    ("--name", "NAME", "node display name (default: the hostname)", ""),
+    ("--state-dir", "DIR", "where the node id and the spool are kept", ""),
+    ("--timeout", "S", "seconds to wait for the collector (default 5)", ""),
+    ("--spool-max-bytes", "SIZE", "most disk space for reports kept while the collector is away, "
+     "e.g. 64MiB (default); when full the oldest are dropped", ""),
+    ("--retry-max", "S", "longest wait between tries while the collector is away (default 30)", ""),
+    ("--libvirt-uri", "URI", "libvirt URI for VM metrics (default qemu:///system; '' or none: no VMs)",
+     "collectors"),
+    ("--top-n", "N", "processes in each top list (default 5; 0: no process scan)", "collectors"),
+    ("--processes-every", "S", "seconds between process scans (default 5)", "collectors"),
+    ("--no-containers", None, "do not report containers, services and VM scopes from cgroups", "collectors"),
+    ("--no-gpus", None, "do not report NVIDIA GPUs", "collectors"),
+    ("--budget-ms", "MS", "collectors' CPU budget per cycle; over it the costliest runs less often "
+     "(default 1; 0: off)", "collectors"),
+    ("--allow-actions", "LIST", "comma-separated actions the collector may have this node run: vm.create, "
+     "vm.start, vm.stop, vm.delete, vm.migrate, vm.state (default: none, every command is refused)", "actions"),
+    ("--image-dirs", "LIST", "comma-separated directories vm.create may take images, templates and kernels "
+     "from and put overlays in (default: none)", "actions"),
+    ("--migrate-uri", "URI", "libvirt URI other hosts reach this host's libvirtd at, for live migrations to "
+     "it (e.g. qemu+tcp://10.0.0.7/system)", "actions"),
+    ("--config", "FILE", "TOML config file", ""),
+    ("--log-level", "LEVEL", "DEBUG, INFO (default), WARNING, ERROR", ""),
+    ("--once", None, "print one report as JSON on stdout and exit", ""),
+)  # fmt: skip
+
+
+def _dest(flag: str) -> str:
+    name = flag[2:]
+    return (name[3:] if name.startswith("no-") else name).replace("-", "_")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (values stay strings; the config layer converts and validates)."""
+    import argparse
+
     p = argparse.ArgumentParser(
         prog="cloudmon-agent",
         description="Sample this node once per interval and push reports to a cloudmon collector.",
     )
     p.add_argument("--version", action="version", version=f"cloudmon-agent {__version__}")
-    p.add_argument("--collector", metavar="URL", help="collector base URL, e.g. http://10.0.0.5:8470")
-    p.add_argument("--token", metavar="T", help="the collector's bearer token (or CLOUDMON_TOKEN)")
-    p.add_argument("--interval", metavar="S", help="seconds between samples (default 1)")
-    p.add_argument("--node-id", metavar="ID", help="node id (default: generated once, kept in the state dir)")
-    p.add_argument("--name", metavar="NAME", help="node display name (default: the hostname)")
-    p.add_argument("--state-dir", metavar="DIR", help="where the node id and the spool are kept")
-    p.add_argument("--timeout", metavar="S", help="seconds to wait for the collector (default 5)")
-    p.add_argument(
-        "--spool-max-bytes",
-        metavar="SIZE",
-        help="most disk space for reports kept while the collector is away, e.g. 64MiB (default); "
-        "when full the oldest are dropped",
-    )
-    p.add_argument(
-        "--retry-max", metavar="S", help="longest wait between tries while the collector is away (default 30)"
-    )
-    c = p.add_argument_group("collectors")
-    c.add_argument(
-        "--libvirt-uri",
-        metavar="URI",
-        help="libvirt URI for VM metrics (default qemu:///system; '' or none: no VMs)",
-    )
-    c.add_argument("--top-n", metavar="N", help="processes in each top list (default 5; 0: no process scan)")
-    c.add_argument("--processes-every", metavar="S", help="seconds between process scans (default 5)")
-    c.add_argument(
-        "--no-containers",
-        dest="containers",
-        action="store_const",
-        const=False,
-        help="do not report containers, services and VM scopes from cgroups",
-    )
-    c.add_argument(
-        "--no-gpus", dest="gpus", action="store_const", const=False, help="do not report NVIDIA GPUs"
-    )
-    c.add_argument(
-        "--budget-ms",
-        metavar="MS",
-        help="collectors' CPU budget per cycle; over it the costliest runs less often (default 1; 0: off)",
-    )
-    a = p.add_argument_group("actions")
-    a.add_argument(
-        "--allow-actions",
-        metavar="LIST",
-        help="comma-separated actions the collector may have this node run: vm.create, vm.start, "
-        "vm.stop, vm.delete, vm.migrate, vm.state (default: none, every command is refused)",
-    )
-    a.add_argument(
-        "--image-dirs",
-        metavar="LIST",
-        help="comma-separated directories vm.create may take images, templates and kernels from "
-        "and put overlays in (default: none)",
-    )
-    a.add_argument(
-        "--migrate-uri",
-        metavar="URI",
-        help="libvirt URI other hosts reach this host's libvirtd at, for live migrations to it "
-        "(e.g. qemu+tcp://10.0.0.7/system)",
-    )
-    p.add_argument("--config", metavar="FILE", type=Path, help="TOML config file")
-    p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO (default), WARNING, ERROR")
-    p.add_argument("--once", action="store_true", help="print one report as JSON on stdout and exit")
+    groups: dict[str, Any] = {"": p}
+    for flag, metavar, text, group in OPTIONS:
+        where = groups.get(group) or groups.setdefault(group, p.add_argument_group(group))
+        if metavar is not None:
+            where.add_argument(flag, metavar=metavar, help=text)
+        elif flag == "--once":
+            where.add_argument(flag, action="store_true", help=text)
+        else:
+            where.add_argument(flag, dest=_dest(flag), action="store_const", const=False, help=text)
     return p
+
+
+def parse_args(argv: Sequence[str]) -> dict[str, Any]:
+    """The flags as ``{setting: value}`` (None where not given); SystemExit like argparse.
+
+    The plain ``--flag VALUE`` / ``--flag=VALUE`` forms of :data:`OPTIONS` are read
+    here; anything else (--help, --version, an unknown or abbreviated flag, a
+    missing value) goes to :func:`build_parser`, which prints what argparse
+    prints.  argparse and what it pulls in (shutil, gettext, textwrap) would
+    otherwise stay in the agent's memory for good: ≈1 MiB of RSS.
+    """
+    takes = {flag: metavar is not None for flag, metavar, _, _ in OPTIONS}
+    out: dict[str, Any] = {_dest(flag): None for flag in takes}
+    out["once"] = False
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        flag, eq, value = arg.partition("=")
+        if flag not in takes or (eq and not takes[flag]):
+            break
+        if takes[flag]:
+            if not eq:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("-"):
+                    break
+                i += 1
+                value = argv[i]
+            out[_dest(flag)] = value
+        else:
+            out[_dest(flag)] = flag == "--once"
+        i += 1
+    else:
+        return out
+    return vars(build_parser().parse_args(argv))
 
 
 class _StopRequested(Exception):
@@ -126,7 +154,26 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _choose_wire() -> str | None:
+    """Bind :mod:`cloudmon_agent.wire` to the standard library's JSON in the agent's own process.
+
+    msgspec would add ≈3 MiB to a process that runs on every node all day, to
+    encode one report a second.  ``CLOUDMON_AGENT_WIRE=msgspec`` keeps msgspec.
+    Nothing changes once the wire module is loaded (the agent runs embedded, or
+    in a test).  Returns an error text for a bad ``CLOUDMON_AGENT_WIRE``.
+    """
+    choice = os.environ.get("CLOUDMON_AGENT_WIRE", "") or "lite"
+    if choice not in ("lite", "msgspec"):
+        return f"CLOUDMON_AGENT_WIRE must be lite or msgspec, got {choice!r}"
+    if "cloudmon_agent.wire" not in sys.modules:
+        cloudmon_agent.WIRE = choice
+    return None
+
+
 def _once(config: AgentConfig) -> int:
+    from cloudmon_agent.agent import Agent
+    from cloudmon_agent.schema import encode
+
     with Agent(config, whole_process=True) as agent:
         agent.prime()
         # The measuring window for rates, not a readiness wait.
@@ -138,6 +185,8 @@ def _once(config: AgentConfig) -> int:
 
 
 def _serve(config: AgentConfig) -> int:
+    from cloudmon_agent.agent import Agent
+
     agent = Agent(config, whole_process=True)
     # Everything allocated so far (modules, classes, the collectors) lives as long
     # as the process: move it out of the collector's reach, so the occasional
@@ -173,45 +222,30 @@ def _serve(config: AgentConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the agent; returns the process exit status."""
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    problem = _choose_wire()
+    if problem:
+        sys.stderr.write(f"cloudmon-agent: error: {problem}\n")
+        return 2
+    from cloudmon_agent.config import ConfigError, load_config
+
     try:
         config = load_config(
-            args.config,
-            overrides={
-                "collector": args.collector,
-                "token": args.token,
-                "interval": args.interval,
-                "node_id": args.node_id,
-                "name": args.name,
-                "state_dir": args.state_dir,
-                "timeout": args.timeout,
-                "log_level": args.log_level,
-                "spool_max_bytes": args.spool_max_bytes,
-                "retry_max": args.retry_max,
-                "libvirt_uri": args.libvirt_uri,
-                "top_n": args.top_n,
-                "processes_every": args.processes_every,
-                "containers": args.containers,
-                "gpus": args.gpus,
-                "budget_ms": args.budget_ms,
-                "allow_actions": args.allow_actions,
-                "migrate_uri": args.migrate_uri,
-                "image_dirs": args.image_dirs,
-            },
+            Path(args["config"]) if args["config"] is not None else None,
+            overrides={k: v for k, v in args.items() if k not in ("config", "once")},
         )
     except ConfigError as exc:
         sys.stderr.write(f"cloudmon-agent: error: {exc}\n")
         return 2
     _setup_logging(config.log_level)
-    if not args.once and not config.collector:
+    if not args["once"] and not config.collector:
         sys.stderr.write(f"cloudmon-agent: {USAGE_HINT}\n")
         return 2
     try:
-        return _once(config) if args.once else _serve(config)
+        return _once(config) if args["once"] else _serve(config)
     except ConfigError as exc:  # e.g. the state dir is not writable
         sys.stderr.write(f"cloudmon-agent: error: {exc}\n")
         return 2

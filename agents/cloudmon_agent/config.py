@@ -38,10 +38,11 @@ import os
 import re
 import socket
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
+
+from cloudmon_agent.wire import Struct, field, force_setattr
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,7 @@ def _check_budget_ms(v: float) -> float:
     return v
 
 
-#: Actions an agent can be allowed to run (``schema.ACTIONS``; kept here so config needs no msgspec).
+#: Actions an agent can be allowed to run (``schema.ACTIONS``; kept here so config needs no schema).
 KNOWN_ACTIONS: Final = ("vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state")
 
 
@@ -222,8 +223,7 @@ def _check_log_level(v: str) -> str:
     return up
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class AgentConfig:
+class AgentConfig(Struct, frozen=True, kw_only=True):
     """Everything the agent needs to run.  Validated on construction."""
 
     #: Collector base URL (``http://HOST:PORT``); reports go to ``<url>/api/v1/ingest``.
@@ -275,7 +275,7 @@ class AgentConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.state_dir, Path):
-            object.__setattr__(self, "state_dir", Path(self.state_dir))
+            force_setattr(self, "state_dir", Path(self.state_dir))
         for name, check in _CHECKS.items():
             value = getattr(self, name)
             if value is None:
@@ -285,7 +285,7 @@ class AgentConfig:
             except ValueError as exc:
                 raise ConfigError(f"{name}: {exc}") from None
             if checked != value:
-                object.__setattr__(self, name, checked)
+                force_setattr(self, name, checked)
 
     @property
     def state_path(self) -> Path:
@@ -294,7 +294,7 @@ class AgentConfig:
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict with the token masked (for logs and --print)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out = {f: getattr(self, f) for f in self.__struct_fields__}
         out["state_dir"] = str(self.state_dir)
         if out["token"]:
             out["token"] = "***"

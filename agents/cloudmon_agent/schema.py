@@ -15,33 +15,34 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Final, Literal
 
-import msgspec
+from cloudmon_agent.wire import UNSET, DecodeError, Meta, Struct, UnsetType, ValidationError, convert, decoder
+from cloudmon_agent.wire import encode as encode  # any schema message as compact JSON
 
 SCHEMA_VERSION: Final = 1
 SUPPORTED_VERSIONS: Final[tuple[int, ...]] = (1,)
 
-NonNeg = Annotated[float, msgspec.Meta(ge=0)]
-NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
-Percent = Annotated[float, msgspec.Meta(ge=0, le=100)]
-NodeId = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
-Label = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+NonNeg = Annotated[float, Meta(ge=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+Percent = Annotated[float, Meta(ge=0, le=100)]
+NodeId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:@-]+$")]
+Label = Annotated[str, Meta(min_length=1, max_length=255)]
 
 
 class SchemaError(ValueError):
     """A message did not match the wire schema; the text names the field."""
 
 
-class Filesystem(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+class Filesystem(Struct, frozen=True, forbid_unknown_fields=False):
     """Usage of one mounted filesystem."""
 
     mount: Label
-    fstype: Annotated[str, msgspec.Meta(max_length=64)]
+    fstype: Annotated[str, Meta(max_length=64)]
     total: NonNegInt
     used: NonNegInt
     percent: Percent
 
 
-class DiskIO(msgspec.Struct, frozen=True):
+class DiskIO(Struct, frozen=True):
     """One physical disk over the last interval."""
 
     name: Label
@@ -53,7 +54,7 @@ class DiskIO(msgspec.Struct, frozen=True):
     busy_percent: Percent
 
 
-class NicIO(msgspec.Struct, frozen=True):
+class NicIO(Struct, frozen=True):
     """One network interface over the last interval (per-second rates)."""
 
     name: Label
@@ -67,7 +68,7 @@ class NicIO(msgspec.Struct, frozen=True):
     tx_drops_ps: NonNeg = 0.0
 
 
-class Pressure(msgspec.Struct, frozen=True):
+class Pressure(Struct, frozen=True):
     """Pressure stall information of one resource (``/proc/pressure/<resource>``).
 
     ``*_avg10`` are the kernel's 10 s averages (percent of time some / all
@@ -75,23 +76,23 @@ class Pressure(msgspec.Struct, frozen=True):
     interval, from the cumulative ``total`` counter.
     """
 
-    resource: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    resource: Annotated[str, Meta(min_length=1, max_length=16)]
     some_avg10: Percent
     some_percent: Percent
     full_avg10: Percent | None = None
     full_percent: Percent | None = None
 
 
-class Sensor(msgspec.Struct, frozen=True):
+class Sensor(Struct, frozen=True):
     """One hwmon reading: ``kind`` is ``temp`` (degrees C) or ``fan`` (RPM)."""
 
     chip: Label
     label: Label
-    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    kind: Annotated[str, Meta(min_length=1, max_length=16)]
     value: float
 
 
-class HostMetrics(msgspec.Struct, frozen=True):
+class HostMetrics(Struct, frozen=True):
     """Host-wide usage over the last interval (rates are per second)."""
 
     cpu_percent: Percent
@@ -126,7 +127,7 @@ class HostMetrics(msgspec.Struct, frozen=True):
     sensors: list[Sensor] = []
 
 
-class AgentStats(msgspec.Struct, frozen=True):
+class AgentStats(Struct, frozen=True):
     """What the agent itself cost over the last cycle."""
 
     cpu_ms: NonNeg
@@ -141,30 +142,30 @@ class AgentStats(msgspec.Struct, frozen=True):
     spool_dropped: NonNegInt = 0
 
 
-class NodeInfo(msgspec.Struct, frozen=True):
+class NodeInfo(Struct, frozen=True):
     """Static facts about the node, repeated in every report (a few bytes)."""
 
     hostname: Label
-    os: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    os: Annotated[str, Meta(max_length=255)] = ""
     cpu_count: NonNegInt = 0
-    agent_version: Annotated[str, msgspec.Meta(max_length=64)] = ""
+    agent_version: Annotated[str, Meta(max_length=64)] = ""
     #: The libvirt URI other hosts use to reach this host's libvirtd (the
     #: destination of a live migration, e.g. ``qemu+tcp://10.0.0.7/system``);
     #: empty when the agent was not given one (``migrate_uri``).  Added in v1.
-    migrate_uri: Annotated[str, msgspec.Meta(max_length=1024)] = ""
+    migrate_uri: Annotated[str, Meta(max_length=1024)] = ""
 
 
-class ProcessInfo(msgspec.Struct, frozen=True):
+class ProcessInfo(Struct, frozen=True):
     """One process in a top-N list."""
 
     pid: NonNegInt
-    name: Annotated[str, msgspec.Meta(max_length=64)]
+    name: Annotated[str, Meta(max_length=64)]
     #: Share of one CPU over the scan interval (100 = one full core; may exceed 100).
     cpu_percent: NonNeg
     rss_bytes: NonNegInt
 
 
-class ProcessTop(msgspec.Struct, frozen=True):
+class ProcessTop(Struct, frozen=True):
     """The busiest processes, from a scan that runs less often than every cycle."""
 
     #: Seconds since the scan these lists come from.
@@ -175,7 +176,7 @@ class ProcessTop(msgspec.Struct, frozen=True):
     by_mem: list[ProcessInfo] = []
 
 
-class VmDisk(msgspec.Struct, frozen=True):
+class VmDisk(Struct, frozen=True):
     """One disk of a VM (rates per second)."""
 
     device: Label
@@ -185,7 +186,7 @@ class VmDisk(msgspec.Struct, frozen=True):
     write_iops: NonNeg
 
 
-class VmNic(msgspec.Struct, frozen=True):
+class VmNic(Struct, frozen=True):
     """One network interface of a VM (rates per second, as the host sees them)."""
 
     name: Label
@@ -195,13 +196,13 @@ class VmNic(msgspec.Struct, frozen=True):
     tx_pps: NonNeg
 
 
-class Vm(msgspec.Struct, frozen=True):
+class Vm(Struct, frozen=True):
     """One libvirt domain.  Memory is in bytes; CPU is 0 unless it is running."""
 
-    uuid: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    uuid: Annotated[str, Meta(min_length=1, max_length=64)]
     name: Label
     #: running, blocked, paused, shutdown, shutoff, crashed, pmsuspended or nostate.
-    state: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    state: Annotated[str, Meta(min_length=1, max_length=16)]
     vcpus: NonNegInt
     #: Busy share of its own vCPUs.
     cpu_percent: Percent
@@ -221,12 +222,12 @@ class Vm(msgspec.Struct, frozen=True):
     hostdevs: list[str] = []
 
 
-class Container(msgspec.Struct, frozen=True):
+class Container(Struct, frozen=True):
     """One container, service or VM scope, from its cgroup."""
 
     name: Label
     #: docker, podman, service or vm.
-    kind: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    kind: Annotated[str, Meta(min_length=1, max_length=16)]
     #: Share of the host's CPUs.
     cpu_percent: Percent
     mem_bytes: NonNegInt
@@ -236,19 +237,19 @@ class Container(msgspec.Struct, frozen=True):
     io_write_bps: NonNeg = 0.0
 
 
-class GpuProcess(msgspec.Struct, frozen=True):
+class GpuProcess(Struct, frozen=True):
     """A process using a GPU."""
 
     pid: NonNegInt
     mem_bytes: NonNegInt
 
 
-class Gpu(msgspec.Struct, frozen=True):
+class Gpu(Struct, frozen=True):
     """One GPU: seen by the host's NVML, or passed through to a VM (then only ``vm`` is known)."""
 
     index: NonNegInt
-    pci: Annotated[str, msgspec.Meta(max_length=32)]
-    name: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    pci: Annotated[str, Meta(max_length=32)]
+    name: Annotated[str, Meta(max_length=128)] = ""
     util_percent: Percent | None = None
     mem_used: NonNegInt | None = None
     mem_total: NonNegInt | None = None
@@ -256,20 +257,20 @@ class Gpu(msgspec.Struct, frozen=True):
     power_w: NonNeg | None = None
     processes: list[GpuProcess] = []
     #: Name of the VM this GPU is passed through to, if any.
-    vm: Annotated[str, msgspec.Meta(max_length=255)] | None = None
+    vm: Annotated[str, Meta(max_length=255)] | None = None
 
 
-class Throttle(msgspec.Struct, frozen=True):
+class Throttle(Struct, frozen=True):
     """A collector the budget made run less often than every cycle."""
 
-    collector: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    collector: Annotated[str, Meta(min_length=1, max_length=64)]
     #: Runs once every ``period`` cycles.
-    period: Annotated[int, msgspec.Meta(ge=1)]
+    period: Annotated[int, Meta(ge=1)]
     #: Its mean CPU cost per run (ms).
     cost_ms: NonNeg
 
 
-class BudgetStats(msgspec.Struct, frozen=True):
+class BudgetStats(Struct, frozen=True):
     """The agent's CPU budget and what it did to keep to it."""
 
     budget_ms: NonNeg
@@ -283,13 +284,13 @@ class BudgetStats(msgspec.Struct, frozen=True):
 #: Every action an agent can execute; each node runs only those in its ``allow_actions``.
 ACTIONS: Final[tuple[str, ...]] = ("vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state")
 Action = Literal["vm.create", "vm.start", "vm.stop", "vm.delete", "vm.migrate", "vm.state"]
-CommandId = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
-VmName = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-Seconds = Annotated[float, msgspec.Meta(gt=0, le=86400)]
-Path_ = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
+CommandId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._:-]+$")]
+VmName = Annotated[str, Meta(min_length=1, max_length=255)]
+Seconds = Annotated[float, Meta(gt=0, le=86400)]
+Path_ = Annotated[str, Meta(min_length=1, max_length=4096)]
 
 
-class Command(msgspec.Struct, frozen=True):
+class Command(Struct, frozen=True):
     """One action the collector asks an agent to carry out; rides back on an ingest answer.
 
     ``action`` is a plain string on the wire, not :data:`Action`: an agent that
@@ -305,19 +306,19 @@ class Command(msgspec.Struct, frozen=True):
     """
 
     id: CommandId
-    action: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    action: Annotated[str, Meta(min_length=1, max_length=64)]
     deadline: float
-    timeout_s: Annotated[float, msgspec.Meta(ge=0, le=86400)]
+    timeout_s: Annotated[float, Meta(ge=0, le=86400)]
     params: dict[str, Any] = {}
 
 
-class VmRef(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class VmRef(Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of ``vm.start``, ``vm.delete`` and ``vm.state``: the domain's name."""
 
     vm: VmName
 
 
-class StopParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class StopParams(Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of ``vm.stop``: ACPI shutdown, then (``force``) destroy after ``timeout_s``."""
 
     vm: VmName
@@ -325,7 +326,7 @@ class StopParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     force: bool = True
 
 
-class CreateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class CreateParams(Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of ``vm.create``: the fields of the agent's ``vmops.VmSpec``.
 
     ``base_image`` (cloned copy-on-write into ``overlay_dir``) and/or
@@ -333,22 +334,22 @@ class CreateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     name: VmName
-    vcpus: Annotated[int, msgspec.Meta(ge=1, le=1024)] = 1
-    memory_mib: Annotated[int, msgspec.Meta(ge=16, le=16 << 20)] = 512
+    vcpus: Annotated[int, Meta(ge=1, le=1024)] = 1
+    memory_mib: Annotated[int, Meta(ge=16, le=16 << 20)] = 512
     base_image: Path_ | None = None
-    base_format: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "qcow2"
+    base_format: Annotated[str, Meta(min_length=1, max_length=16)] = "qcow2"
     overlay_dir: Path_ | None = None
     template_xml: Path_ | None = None
-    domain_type: Annotated[str, msgspec.Meta(min_length=1, max_length=16)] = "kvm"
-    network: Annotated[str, msgspec.Meta(min_length=1, max_length=255)] | None = None
+    domain_type: Annotated[str, Meta(min_length=1, max_length=16)] = "kvm"
+    network: Annotated[str, Meta(min_length=1, max_length=255)] | None = None
     kernel: Path_ | None = None
     initrd: Path_ | None = None
-    cmdline: Annotated[str, msgspec.Meta(max_length=4096)] | None = None
-    group: Annotated[str, msgspec.Meta(max_length=255)] = ""
+    cmdline: Annotated[str, Meta(max_length=4096)] | None = None
+    group: Annotated[str, Meta(max_length=255)] = ""
     start: bool = True
 
 
-class MigrateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class MigrateParams(Struct, frozen=True, forbid_unknown_fields=True):
     """Parameters of ``vm.migrate``: live (peer to peer) migration of ``vm`` to ``dest_uri``.
 
     ``dest_uri`` is the destination host's advertised ``NodeInfo.migrate_uri``.
@@ -359,15 +360,15 @@ class MigrateParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     vm: VmName
-    dest_uri: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+    dest_uri: Annotated[str, Meta(min_length=1, max_length=1024)]
     live: bool = True
     timeout_s: Seconds | None = None
-    bandwidth_mib: Annotated[int, msgspec.Meta(ge=1)] | None = None
-    data_uri: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] | None = None
+    bandwidth_mib: Annotated[int, Meta(ge=1)] | None = None
+    data_uri: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
 
 
 #: The parameter struct of each action.
-PARAMS: Final[dict[str, type[msgspec.Struct]]] = {
+PARAMS: Final[dict[str, type[Struct]]] = {
     "vm.create": CreateParams,
     "vm.start": VmRef,
     "vm.stop": StopParams,
@@ -377,18 +378,18 @@ PARAMS: Final[dict[str, type[msgspec.Struct]]] = {
 }
 
 
-def command_params(action: str, params: dict[str, Any]) -> msgspec.Struct:
+def command_params(action: str, params: dict[str, Any]) -> Struct:
     """``params`` validated as ``action``'s parameter struct, or :class:`SchemaError` naming the field."""
     kind = PARAMS.get(action)
     if kind is None:
         raise SchemaError(f"unknown action {action!r}; known actions: {', '.join(ACTIONS)}")
     try:
-        return msgspec.convert(params, kind)
-    except msgspec.ValidationError as exc:
+        return convert(params, kind)
+    except ValidationError as exc:
         raise SchemaError(f"invalid parameters for {action}: {exc}") from None
 
 
-class CommandProgress(msgspec.Struct, frozen=True):
+class CommandProgress(Struct, frozen=True):
     """A command the agent has taken and not finished: ``state`` queued or running.
 
     Reports carry one per such command; the first also tells the collector the
@@ -397,11 +398,11 @@ class CommandProgress(msgspec.Struct, frozen=True):
     """
 
     id: CommandId
-    state: Annotated[str, msgspec.Meta(min_length=1, max_length=16)]
+    state: Annotated[str, Meta(min_length=1, max_length=16)]
     detail: dict[str, Any] = {}
 
 
-class CommandResult(msgspec.Struct, frozen=True):
+class CommandResult(Struct, frozen=True):
     """How a command ended.  ``error`` says what went wrong and how to fix it when not ``ok``.
 
     Reports carry a result until the collector acknowledges it
@@ -416,14 +417,14 @@ class CommandResult(msgspec.Struct, frozen=True):
     detail: dict[str, Any] = {}
 
 
-class Report(msgspec.Struct, frozen=True):
+class Report(Struct, frozen=True):
     """One sample of one node: what an agent pushes once per interval."""
 
     v: int
     node_id: NodeId
-    ts: Annotated[float, msgspec.Meta(gt=0)]
+    ts: Annotated[float, Meta(gt=0)]
     seq: NonNegInt
-    interval: Annotated[float, msgspec.Meta(gt=0, le=3600)]
+    interval: Annotated[float, Meta(gt=0, le=3600)]
     node: NodeInfo
     host: HostMetrics
     agent: AgentStats
@@ -438,7 +439,7 @@ class Report(msgspec.Struct, frozen=True):
     results: list[CommandResult] = []
 
 
-class IngestResponse(msgspec.Struct, frozen=True):
+class IngestResponse(Struct, frozen=True):
     """The collector's answer to a report: pending commands for the node ride back here.
 
     ``acked`` lists the ids of the results in the request that the collector
@@ -448,21 +449,15 @@ class IngestResponse(msgspec.Struct, frozen=True):
 
     accepted: int
     commands: list[Command] = []
-    acked: list[str] | msgspec.UnsetType = msgspec.UNSET
+    acked: list[str] | UnsetType = UNSET
 
 
-class _Envelope(msgspec.Struct):
+class _Envelope(Struct):
     v: int = -1
 
 
-_report_decoder = msgspec.json.Decoder(Report)
-_envelope_decoder = msgspec.json.Decoder(_Envelope)
-_encoder = msgspec.json.Encoder()
-
-
-def encode(msg: msgspec.Struct) -> bytes:
-    """Encode any schema message as compact JSON."""
-    return _encoder.encode(msg)
+_report_decoder = decoder(Report)
+_envelope_decoder = decoder(_Envelope)
 
 
 def _check_version(v: int) -> None:
@@ -478,16 +473,16 @@ def decode_report(data: bytes | bytearray | memoryview | str) -> Report:
     even when the rest of the body does not match this version's schema.
     """
     try:
-        report = _report_decoder.decode(data)
-    except msgspec.ValidationError as exc:
+        report = _report_decoder(data)
+    except ValidationError as exc:
         try:
-            env = _envelope_decoder.decode(data)
-        except msgspec.DecodeError:
+            env = _envelope_decoder(data)
+        except DecodeError:
             env = _Envelope()
         if env.v != -1:
             _check_version(env.v)
         raise SchemaError(f"invalid report: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except DecodeError as exc:
         raise SchemaError(f"malformed JSON: {exc}") from None
     _check_version(report.v)
     return report

@@ -43,9 +43,10 @@ import re
 import struct
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
+
+from cloudmon_agent.wire import Struct
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +63,7 @@ class SpoolError(Exception):
     """The spool directory cannot be used (not writable, ...); the text says which path."""
 
 
-@dataclass(frozen=True, slots=True)
-class Batch:
+class Batch(Struct, frozen=True):
     """Records read from the spool, oldest first, and where the next unread record starts."""
 
     records: list[bytes]
@@ -76,15 +76,13 @@ class Batch:
         return len(self.records)
 
 
-@dataclass(slots=True)
-class _Segment:
+class _Segment(Struct):
     id: int
     size: int  # bytes in the file (magic included)
     count: int  # records in the file
 
 
-@dataclass(frozen=True, slots=True)
-class SpoolStats:
+class SpoolStats(Struct, frozen=True):
     """What the spool holds and has lost."""
 
     #: Records waiting to be replayed.

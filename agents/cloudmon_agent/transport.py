@@ -26,10 +26,9 @@ import sys
 from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
-import msgspec
-
 from cloudmon_agent import __version__
 from cloudmon_agent.schema import IngestResponse
+from cloudmon_agent.wire import DecodeError, decode_any, decoder
 
 if TYPE_CHECKING:
     import ssl
@@ -39,6 +38,7 @@ _MAX_MESSAGE: Final = 300
 #: Largest response head / body the agent reads (the collector's answers are tiny).
 _MAX_HEAD: Final = 64 << 10
 _MAX_BODY: Final = 4 << 20
+_decode_answer: Final = decoder(IngestResponse)
 
 
 class _Disconnected(ConnectionError):
@@ -250,8 +250,8 @@ class Transport(Protocol):
 
 def _error_text(data: bytes) -> str:
     try:
-        doc = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+        doc = decode_any(data)
+    except DecodeError:
         text = data.decode("utf-8", "replace").strip()
     else:
         text = str(doc["error"]) if isinstance(doc, dict) and "error" in doc else str(doc)
@@ -358,8 +358,8 @@ class HttpTransport:
     def _answer(self, status: int, reason: str, data: bytes) -> IngestResponse:
         if 200 <= status < 300:
             try:
-                return msgspec.json.decode(data, type=IngestResponse)
-            except msgspec.DecodeError as exc:
+                return _decode_answer(data)
+            except DecodeError as exc:
                 # Not a cloudmon collector (wrong URL?), or a broken one.
                 raise CollectorUnreachable(
                     self.url, f"unexpected answer to POST {self._path}: {exc}"

@@ -32,10 +32,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Final
 
-import msgspec
-
 # virDomainState numbers -> names, as the agent's VM collector reports them.
 from cloudmon_agent.collectors.vms import STATES
+from cloudmon_agent.wire import Struct
 
 #: XML namespace of the metadata cloudmon writes into the domains it creates.
 METADATA_NS: Final = "https://cloudmon.dev/xmlns/instance/1"
@@ -73,7 +72,7 @@ def check_uri(uri: str) -> str:
     return uri
 
 
-class VmSpec(msgspec.Struct, frozen=True, kw_only=True):
+class VmSpec(Struct, frozen=True, kw_only=True):
     """What :func:`create_vm` builds.
 
     Give ``base_image`` (cloned copy-on-write into ``overlay_dir``) or
@@ -154,7 +153,7 @@ def vm_state(conn: Any, name: str) -> str:
 # -- metadata -------------------------------------------------------------------------
 
 
-class CloudmonMeta(msgspec.Struct, frozen=True):
+class CloudmonMeta(Struct, frozen=True):
     """What cloudmon recorded in a domain it created."""
 
     group: str = ""

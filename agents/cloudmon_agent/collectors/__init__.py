@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Protocol
 
 from cloudmon_agent.collectors.host import HostCollector
+from cloudmon_agent.wire import Struct
 
 log = logging.getLogger(__name__)
 
@@ -41,8 +41,7 @@ class Collector(Protocol):
         """Release files, handles and connections."""
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class CollectorOptions:
+class CollectorOptions(Struct, frozen=True, kw_only=True):
     """What :func:`default_collectors` turns on (the agent config maps onto these)."""
 
     #: libvirt URI for VMs; empty turns the VM collector off.  Off anyway without libvirt-python.

@@ -185,3 +185,67 @@ def test_domain_xml_memory_units_and_vcpus() -> None:
     )
     assert (x.max_kib, x.cur_kib, x.vcpus) == (2 << 20, 512 << 10, 3)
     assert (x.disks, x.nics) == (["sda"], ["52:54:00:aa:bb:cc"])  # no target: the MAC names it
+
+
+def _reference_parse(xml: str) -> tuple[list[str], list[str], list[str], int, int, int]:
+    """The same fields read with ElementTree (what the agent did before it read expat directly)."""
+    import xml.etree.ElementTree as ET
+
+    units = {"KiB": 1024, "MiB": 1 << 20, "GiB": 1 << 30, "b": 1, "bytes": 1}
+    root = ET.fromstring(xml)
+    hostdevs = []
+    for hd in root.iterfind("./devices/hostdev"):
+        a = hd.find("./source/address")
+        if hd.get("type") == "pci" and a is not None:
+            d, b, s, f = (int(a.get(k, "0"), 0) for k in ("domain", "bus", "slot", "function"))
+            hostdevs.append(f"{d:04x}:{b:02x}:{s:02x}.{f:x}")
+    disks = [t.get("dev", "") for t in root.iterfind("./devices/disk/target")]
+    nics = []
+    for iface in root.iterfind("./devices/interface"):
+        t, mac = iface.find("target"), iface.find("mac")
+        nics.append(
+            (t.get("dev") if t is not None else None) or (mac.get("address", "") if mac is not None else "")
+        )
+
+    def num(tag: str, scale: bool) -> int:
+        el = root.find(tag)
+        if el is None:
+            return 0
+        return int((el.text or "0").strip()) * (units[el.get("unit", "KiB")] // 1024 if scale else 1)
+
+    mem = num("memory", True)
+    return (
+        hostdevs,
+        [d for d in disks if d],
+        [n for n in nics if n],
+        mem,
+        num("currentMemory", True) or mem,
+        num("vcpu", False),
+    )
+
+
+def test_domain_xml_reader_agrees_with_elementtree_on_real_domain_definitions() -> None:
+    import xml.etree.ElementTree as ET
+
+    docs = []
+    for name in ("libvirt-test-10vms.xml", "libvirt-test-node.xml"):
+        node = ET.parse(Path(__file__).parent / "data" / name).getroot()
+        docs += [ET.tostring(d, encoding="unicode") for d in node.iter("domain")]
+    docs.append(
+        "<domain type='kvm'><name>g</name><memory unit='KiB'>1048576</memory><vcpu>2</vcpu>"
+        "<metadata><memory>9</memory></metadata><devices>"
+        "<disk type='file'><source file='/a'/><target dev='vda' bus='virtio'/></disk>"
+        "<disk type='file'><target dev='vdb'/></disk>"
+        "<interface type='network'><mac address='52:54:00:00:00:01'/><target dev='vnet3'/></interface>"
+        "<interface type='network'><mac address='52:54:00:00:00:02'/></interface>"
+        "<hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x65' slot='0x00' "
+        "function='0x0'/></source></hostdev></devices></domain>"
+    )
+    assert len(docs) >= 12
+    for doc in docs:
+        x = parse_domain_xml(doc)
+        assert (x.hostdevs, x.disks, x.nics, x.max_kib, x.cur_kib, x.vcpus) == _reference_parse(doc), doc[
+            :200
+        ]
+    assert parse_domain_xml(docs[-1]).nics == ["vnet3", "52:54:00:00:00:02"]
+    assert parse_domain_xml(docs[-1]).hostdevs == ["0000:65:00.0"]
