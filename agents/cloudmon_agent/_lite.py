@@ -28,6 +28,7 @@ What it does, with msgspec's meaning:
 from __future__ import annotations
 
 import json
+import os
 import re
 import typing
 from collections.abc import Callable
@@ -296,23 +297,62 @@ def force_setattr(obj: Struct, name: str, value: Any) -> None:
     object.__setattr__(obj, name, value)
 
 
-def _default(obj: Any) -> Any:
-    hook = getattr(obj, "_lite_dict", None)
-    if hook is not None:
-        return hook()
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    raise TypeError(f"Encoding objects of type {type(obj).__name__} is unsupported")
+#: Stands where a cached fragment goes: a JSON string no value holds (a random token between NULs).
+_MARK: Final = "\x00" + os.urandom(8).hex() + "\x00"
+_MARK_JSON: Final = json.dumps(_MARK)
+#: id -> (struct, its JSON) of the cacheable structs of the last encode that had any.
+_fragments: dict[int, tuple[Any, str]] = {}
 
 
-_encoder: Final = json.JSONEncoder(
-    separators=(",", ":"), ensure_ascii=False, check_circular=False, default=_default
-)
+def _json_encoder(default: Callable[[Any], Any]) -> json.JSONEncoder:
+    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False, default=default)
 
 
 def encode(obj: Any) -> bytes:
-    """Compact UTF-8 JSON (``msgspec.json.encode``)."""
-    return _encoder.encode(obj).encode()
+    """Compact UTF-8 JSON (``msgspec.json.encode``).
+
+    A struct whose class sets ``__lite_cache__ = True`` and that is the very
+    object of the previous report (a section whose collector did not run this
+    cycle hands back its last value) is not encoded again: its JSON from then
+    is spliced in.  The report of a node with 10 VMs is ≈8 KB; encoding the VMs
+    section costs ≈150 µs here, and the VM collector runs one cycle in 16 under
+    the default budget.  Structs are frozen, so an object's JSON cannot change.
+    """
+    global _fragments
+    seen: dict[int, tuple[Any, str]] = {}
+    text = _encode_text(obj, _fragments.get, seen)
+    if seen:
+        _fragments = seen
+    return text.encode()
+
+
+def _encode_text(
+    obj: Any, cached: Callable[[int], tuple[Any, str] | None], seen: dict[int, tuple[Any, str]]
+) -> str:
+    frags: list[str] = []
+
+    def default(o: Any) -> Any:
+        hook = getattr(o, "_lite_dict", None)
+        if hook is None:
+            if isinstance(o, (set, frozenset)):
+                return list(o)
+            raise TypeError(f"Encoding objects of type {type(o).__name__} is unsupported")
+        if not getattr(o, "__lite_cache__", False):
+            return hook()
+        hit = cached(id(o))
+        frag = hit[1] if hit is not None and hit[0] is o else _encode_text(hook(), cached, seen)
+        seen[id(o)] = (o, frag)
+        frags.append(frag)
+        return _MARK
+
+    text = _json_encoder(default).encode(obj)
+    if not frags:
+        return text
+    parts = text.split(_MARK_JSON)
+    out = [parts[0]]
+    for frag, part in zip(frags, parts[1:], strict=True):
+        out += (frag, part)
+    return "".join(out)
 
 
 def to_builtins(obj: Any) -> Any:

@@ -13,7 +13,7 @@ collector of the same major version.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, ClassVar, Final, Literal
 
 from cloudmon_agent.wire import UNSET, DecodeError, Meta, Struct, UnsetType, ValidationError, convert, decoder
 from cloudmon_agent.wire import encode as encode  # any schema message as compact JSON
@@ -34,6 +34,8 @@ class SchemaError(ValueError):
 
 class Filesystem(Struct, frozen=True, forbid_unknown_fields=False):
     """Usage of one mounted filesystem."""
+
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
 
     mount: Label
     fstype: Annotated[str, Meta(max_length=64)]
@@ -76,6 +78,8 @@ class Pressure(Struct, frozen=True):
     interval, from the cumulative ``total`` counter.
     """
 
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
+
     resource: Annotated[str, Meta(min_length=1, max_length=16)]
     some_avg10: Percent
     some_percent: Percent
@@ -85,6 +89,8 @@ class Pressure(Struct, frozen=True):
 
 class Sensor(Struct, frozen=True):
     """One hwmon reading: ``kind`` is ``temp`` (degrees C) or ``fan`` (RPM)."""
+
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
 
     chip: Label
     label: Label
@@ -145,6 +151,8 @@ class AgentStats(Struct, frozen=True):
 class NodeInfo(Struct, frozen=True):
     """Static facts about the node, repeated in every report (a few bytes)."""
 
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
+
     hostname: Label
     os: Annotated[str, Meta(max_length=255)] = ""
     cpu_count: NonNegInt = 0
@@ -157,6 +165,8 @@ class NodeInfo(Struct, frozen=True):
 
 class ProcessInfo(Struct, frozen=True):
     """One process in a top-N list."""
+
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
 
     pid: NonNegInt
     name: Annotated[str, Meta(max_length=64)]
@@ -199,6 +209,8 @@ class VmNic(Struct, frozen=True):
 class Vm(Struct, frozen=True):
     """One libvirt domain.  Memory is in bytes; CPU is 0 unless it is running."""
 
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
+
     uuid: Annotated[str, Meta(min_length=1, max_length=64)]
     name: Label
     #: running, blocked, paused, shutdown, shutoff, crashed, pmsuspended or nostate.
@@ -225,6 +237,8 @@ class Vm(Struct, frozen=True):
 class Container(Struct, frozen=True):
     """One container, service or VM scope, from its cgroup."""
 
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
+
     name: Label
     #: docker, podman, service or vm.
     kind: Annotated[str, Meta(min_length=1, max_length=16)]
@@ -247,6 +261,8 @@ class GpuProcess(Struct, frozen=True):
 class Gpu(Struct, frozen=True):
     """One GPU: seen by the host's NVML, or passed through to a VM (then only ``vm`` is known)."""
 
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
+
     index: NonNegInt
     pci: Annotated[str, Meta(max_length=32)]
     name: Annotated[str, Meta(max_length=128)] = ""
@@ -262,6 +278,8 @@ class Gpu(Struct, frozen=True):
 
 class Throttle(Struct, frozen=True):
     """A collector the budget made run less often than every cycle."""
+
+    __lite_cache__: ClassVar[bool] = True  # see cloudmon_agent._lite.encode
 
     collector: Annotated[str, Meta(min_length=1, max_length=64)]
     #: Runs once every ``period`` cycles.

@@ -31,6 +31,7 @@ Device lists and the mount table are re-scanned every ``refresh_s`` seconds
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -545,6 +546,7 @@ class HostCollector:
         source: HostSource | None = None,
         *,
         refresh_s: float = 30.0,
+        slow_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
         extras: bool | None = None,
         pressure: PressureReader | None = None,
@@ -553,12 +555,18 @@ class HostCollector:
         """``extras`` turns on per-disk, per-NIC, pressure and sensor lists (default: on Linux).
 
         ``pressure`` and ``sensors`` replace the readers of the real ``/proc``
-        and ``/sys`` (tests point them at fake trees).
+        and ``/sys`` (tests point them at fake trees).  Filesystem usage,
+        pressure and sensors change slowly and are read every ``slow_s``
+        seconds (reports in between repeat the last reading): ``statvfs`` per
+        mount and a file per sensor are a fifth of the host collector's CPU.
         """
         self._source = source if source is not None else default_source()
         self._refresh_s = refresh_s
         self._clock = clock
         self._next_refresh = clock() + refresh_s
+        self._slow_s = slow_s
+        self._next_slow = -math.inf
+        self._slow: dict[str, list[Any]] = {}
         self._cpu = CpuPercent()
         self._disk = RateCounter(4)
         self._net = RateCounter(4)
@@ -616,14 +624,18 @@ class HostCollector:
         net_raw: dict[str, tuple[int, int, int, int]] = self._read("network counters", src.net_counters, {})
         disk = self._disk.update(disk_raw, now) or [0.0] * 4
         net = self._net.update(net_raw, now) or [0.0] * 4
-        extras: dict[str, list[Any]] = {}
+        if now >= self._next_slow:
+            slow: dict[str, list[Any]] = {"filesystems": self._filesystems()}
+            if self._extras and self._pressure is not None:
+                slow["pressure"] = self._pressure.read(now)
+            if self._extras and self._sensors is not None:
+                slow["sensors"] = self._sensors.read()
+            self._slow = slow
+            self._next_slow = now + self._slow_s
+        extras: dict[str, list[Any]] = dict(self._slow)
         if self._extras:
             extras["disks"] = self._per_disk(disk_raw, now)
             extras["nics"] = self._per_nic(net_raw, now)
-            if self._pressure is not None:
-                extras["pressure"] = self._pressure.read(now)
-            if self._sensors is not None:
-                extras["sensors"] = self._sensors.read()
         mem = self._read("memory", src.memory, MemInfo(0, 0, 0, 0))
         load = self._read("load average", src.loadavg, (0.0, 0.0, 0.0))
         mem_used = mem.total - mem.available
@@ -649,7 +661,6 @@ class HostCollector:
             load1=max(0.0, load[0]),
             load5=max(0.0, load[1]),
             load15=max(0.0, load[2]),
-            filesystems=self._filesystems(),
             uptime_s=max(0.0, self._read("uptime", src.uptime, 0.0)),
             **extras,
         )

@@ -94,16 +94,19 @@ def test_pressure_from_fake_proc(fake: FakeHost) -> None:
         first = c.collect()
         assert {p.resource for p in first.pressure} == {"cpu", "io"}  # no memory file: left out
         assert all(p.some_percent == 0 for p in first.pressure)
-        _pressure(fake.proc, "cpu", (4.0, 1_500_000), None)  # +0.5 s stalled over 2 s: 25 %
+        _pressure(fake.proc, "cpu", (4.0, 1_500_000), None)  # +0.5 s stalled over 5 s: 10 %
         _pressure(fake.proc, "io", (1.0, 200_000), (0.5, 100_000))
         fake.now += 2
+        # Pressure (like filesystems and sensors) is read every 5 s: until then the last reading.
+        assert c.collect().pressure == first.pressure
+        fake.now += 3
         by = {p.resource: p for p in _validate(c.collect()).pressure}
     finally:
         c.close()
-    assert (by["cpu"].some_avg10, by["cpu"].some_percent) == pytest.approx((4.0, 25.0))
+    assert (by["cpu"].some_avg10, by["cpu"].some_percent) == pytest.approx((4.0, 10.0))
     assert by["cpu"].full_avg10 is None
     assert by["cpu"].full_percent is None
-    assert (by["io"].some_percent, by["io"].full_percent) == pytest.approx((10.0, 5.0))
+    assert (by["io"].some_percent, by["io"].full_percent) == pytest.approx((4.0, 2.0))
 
 
 def test_sensors_from_fake_hwmon(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import random
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
@@ -357,3 +357,56 @@ def test_full_report_round_trips_through_lite_to_the_same_bytes() -> None:
     assert kind == "ok"
     assert out.encode() == encode(report)
     assert decode_report(out) == report
+
+
+class Part(_lite.Struct, frozen=True):
+    __lite_cache__: ClassVar[bool] = True
+    name: str
+    value: float
+    inner: list[Key] = []
+
+
+class Whole(_lite.Struct, frozen=True):
+    seq: int
+    parts: list[Part] = []
+
+
+class CachedKey(_lite.Struct, frozen=True):
+    __lite_cache__: ClassVar[bool] = True
+    a: int
+
+
+def test_cached_sections_encode_exactly_as_fresh_ones_and_follow_changes() -> None:
+    parts = [Part("a", 1.5, [Key(1, "x")]), Part("b", 2.25)]
+    first = _lite.encode(Whole(1, parts))
+    assert json.loads(first) == _lite.to_builtins(Whole(1, parts))
+    # The same part objects in the next report: their JSON is reused, the result is the same.
+    assert _lite.encode(Whole(2, parts)) == first.replace(b'"seq":1', b'"seq":2')
+    # A new object with other values is encoded afresh (the cache goes by identity, not equality).
+    changed = [parts[0], Part("b", 3.0)]
+    assert json.loads(_lite.encode(Whole(3, changed)))["parts"][1]["value"] == 3.0
+    # Cached structs inside cached structs, and a string that looks like JSON, stay intact.
+    nested = [Part('{"x":1}', 0.0, []), Part("n", 1.0, [])]
+    doc = {"outer": [CachedKey(7), {"deep": [CachedKey(8)]}], "parts": nested}
+    for _ in range(2):
+        assert json.loads(_lite.encode(doc)) == {
+            "outer": [{"a": 7}, {"deep": [{"a": 8}]}],
+            "parts": [
+                {"name": '{"x":1}', "value": 0.0, "inner": []},
+                {"name": "n", "value": 1.0, "inner": []},
+            ],
+        }
+
+
+def test_a_full_report_encoded_twice_by_lite_is_the_same_bytes_as_msgspec() -> None:
+    doc = a_report()
+    probe = LITE_CHILD.replace(
+        'out.append(["ok", wire.encode(obj).decode()])',
+        'out.append(["ok", wire.encode(obj).decode()]); out.append(["again", wire.encode(obj).decode()])',
+    )
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "agents"))
+    proc = subprocess.run([sys.executable, "-c", probe], input=json.dumps([["Report", doc]]), capture_output=True,
+                          text=True, timeout=60, env=env, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (_, once), (_, again) = json.loads(proc.stdout)
+    assert once == again == encode(msgspec.convert(doc, Report)).decode()
