@@ -63,6 +63,21 @@ _PSEUDO_FS: Final = frozenset(
 _OCTAL_ESCAPE: Final = re.compile(r"\\([0-7]{3})")
 
 
+#: The /proc/meminfo lines read, each with the newline before it (a key starts a line).
+_MEMINFO_KEYS: Final = tuple(
+    b"\n" + k
+    for k in (
+        b"MemTotal:",
+        b"MemAvailable:",
+        b"MemFree:",
+        b"Buffers:",
+        b"Cached:",
+        b"SwapTotal:",
+        b"SwapFree:",
+    )
+)
+
+
 class MemInfo(NamedTuple):
     """Memory and swap in bytes."""
 
@@ -233,25 +248,20 @@ class ProcSource:
         return out
 
     def memory(self) -> MemInfo:
-        want = {
-            b"MemTotal:",
-            b"MemAvailable:",
-            b"MemFree:",
-            b"Buffers:",
-            b"Cached:",
-            b"SwapTotal:",
-            b"SwapFree:",
-        }
+        # A find per wanted key, not a split of all ~50 lines.
+        data = b"\n" + self._meminfo.read()
         got: dict[bytes, int] = {}
-        for line in self._meminfo.read().split(b"\n"):
-            key, _, rest = line.partition(b" ")
-            if key in want:
-                got[key] = int(rest.split()[0]) * 1024
-        total = got.get(b"MemTotal:", 0)
-        avail = got.get(b"MemAvailable:")
+        for key in _MEMINFO_KEYS:
+            at = data.find(key)
+            if at >= 0:
+                start = at + len(key)
+                end = data.find(b"\n", start)
+                got[key] = int(data[start : end if end >= 0 else len(data)].split()[0]) * 1024
+        total = got.get(b"\nMemTotal:", 0)
+        avail = got.get(b"\nMemAvailable:")
         if avail is None:  # kernels before 3.14
-            avail = got.get(b"MemFree:", 0) + got.get(b"Buffers:", 0) + got.get(b"Cached:", 0)
-        return MemInfo(total, min(avail, total), got.get(b"SwapTotal:", 0), got.get(b"SwapFree:", 0))
+            avail = got.get(b"\nMemFree:", 0) + got.get(b"\nBuffers:", 0) + got.get(b"\nCached:", 0)
+        return MemInfo(total, min(avail, total), got.get(b"\nSwapTotal:", 0), got.get(b"\nSwapFree:", 0))
 
     def disk_counters(self) -> dict[str, tuple[int, int, int, int]]:
         disks = self._disks
@@ -622,8 +632,14 @@ class HostCollector:
         cpu_total, per_core = cpu if cpu is not None else (0.0, [0.0] * (max(times, default=-1) + 1))
         disk_raw: dict[str, tuple[int, int, int, int]] = self._read("disk counters", src.disk_counters, {})
         net_raw: dict[str, tuple[int, int, int, int]] = self._read("network counters", src.net_counters, {})
-        disk = self._disk.update(disk_raw, now) or [0.0] * 4
-        net = self._net.update(net_raw, now) or [0.0] * 4
+        if self._extras:
+            # The totals are the sums of the per-device rates: one pass over the counters.
+            disks, disk = self._per_disk(disk_raw, now)
+            nics, net = self._per_nic(net_raw, now)
+        else:
+            disks, nics = [], []
+            disk = self._disk.update(disk_raw, now) or [0.0] * 4
+            net = self._net.update(net_raw, now) or [0.0] * 4
         if now >= self._next_slow:
             slow: dict[str, list[Any]] = {"filesystems": self._filesystems()}
             if self._extras and self._pressure is not None:
@@ -634,8 +650,8 @@ class HostCollector:
             self._next_slow = now + self._slow_s
         extras: dict[str, list[Any]] = dict(self._slow)
         if self._extras:
-            extras["disks"] = self._per_disk(disk_raw, now)
-            extras["nics"] = self._per_nic(net_raw, now)
+            extras["disks"] = disks
+            extras["nics"] = nics
         mem = self._read("memory", src.memory, MemInfo(0, 0, 0, 0))
         load = self._read("load average", src.loadavg, (0.0, 0.0, 0.0))
         mem_used = mem.total - mem.available
@@ -665,28 +681,40 @@ class HostCollector:
             **extras,
         )
 
-    def _per_disk(self, raw: dict[str, tuple[int, int, int, int]], now: float) -> list[DiskIO]:
+    def _per_disk(
+        self, raw: dict[str, tuple[int, int, int, int]], now: float
+    ) -> tuple[list[DiskIO], list[float]]:
+        """Per-disk rates, and their sums (read/write bytes and operations per second)."""
         ticks: dict[str, int] = getattr(self._source, "io_ticks", {})
         both = {k: (*v, ticks.get(k, 0)) for k, v in raw.items()}
         out: list[DiskIO] = []
+        total = [0.0, 0.0, 0.0, 0.0]
         for name, r in sorted(self._disk_each.update(both, now).items()):
-            if len(name) > _MAX_MOUNT_LEN:
-                continue
-            r = r or [0.0] * 5
-            # io_ticks is ms busy per s of wall time: /10 gives percent
-            out.append(DiskIO(name, r[0], r[1], r[2], r[3], busy_percent=min(100.0, r[4] / 10.0)))
-        return out
+            if r is None:  # new since the last sample: counted from the next one
+                r = [0.0] * 5
+            else:
+                total = [total[0] + r[0], total[1] + r[1], total[2] + r[2], total[3] + r[3]]
+            if len(name) <= _MAX_MOUNT_LEN:
+                # io_ticks is ms busy per s of wall time: /10 gives percent
+                out.append(DiskIO(name, r[0], r[1], r[2], r[3], busy_percent=min(100.0, r[4] / 10.0)))
+        return out, total
 
-    def _per_nic(self, raw: dict[str, tuple[int, int, int, int]], now: float) -> list[NicIO]:
+    def _per_nic(
+        self, raw: dict[str, tuple[int, int, int, int]], now: float
+    ) -> tuple[list[NicIO], list[float]]:
+        """Per-interface rates, and their sums (rx/tx bytes and packets per second)."""
         errs: dict[str, tuple[int, int, int, int]] = getattr(self._source, "net_errors", {})
         both = {k: (*v, *errs.get(k, (0, 0, 0, 0))) for k, v in raw.items()}
         out: list[NicIO] = []
+        total = [0.0, 0.0, 0.0, 0.0]
         for name, r in sorted(self._net_each.update(both, now).items()):
-            if len(name) > _MAX_MOUNT_LEN:
-                continue
-            r = r or [0.0] * 8
-            out.append(NicIO(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
-        return out
+            if r is None:
+                r = [0.0] * 8
+            else:
+                total = [total[0] + r[0], total[1] + r[1], total[2] + r[2], total[3] + r[3]]
+            if len(name) <= _MAX_MOUNT_LEN:
+                out.append(NicIO(name, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]))
+        return out, total
 
     def _filesystems(self) -> list[Filesystem]:
         out: list[Filesystem] = []

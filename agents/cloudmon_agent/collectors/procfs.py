@@ -1,8 +1,8 @@
 """Cheap repeated reads of Linux ``/proc`` files.
 
 The agent reads the same handful of files every second all day, so each is
-opened once and re-read from offset 0 (``lseek`` + ``read``): no ``open``/
-``close`` pair and no Python file object per read.  A file that disappears or
+opened once and re-read with ``pread`` at offset 0: no ``open``/``close`` pair,
+no ``lseek`` and no Python file object per read.  A file that disappears or
 fails is reopened on the next read.
 """
 
@@ -12,6 +12,9 @@ import os
 from typing import Final
 
 _CHUNK: Final = 16384
+#: A first read shorter than this is the whole file: a seq_file hands out a page
+#: (4096 bytes) per read, less only the record that did not fit (far below 2 KiB).
+_SURELY_ALL: Final = 2048
 
 
 class ProcFile:
@@ -33,13 +36,19 @@ class ProcFile:
             self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         fd = self._fd
         try:
-            os.lseek(fd, 0, os.SEEK_SET)
-            parts: list[bytes] = []
-            # Loop to EOF: a seq_file (/proc/net/dev, /proc/diskstats) hands out
-            # at most one page of records per read, so a short read is not EOF.
-            while chunk := os.read(fd, _CHUNK):
+            # One pread at offset 0 instead of lseek + read + read-to-EOF.  A
+            # seq_file (/proc/net/dev, /proc/diskstats) fills one page of records
+            # per read, so only a read well short of a page is known to be all.
+            data = os.pread(fd, _CHUNK, 0)
+            stop = self._stop_at
+            if len(data) < _SURELY_ALL or (stop is not None and stop in data):
+                return data
+            parts = [data]
+            offset = len(data)
+            while chunk := os.pread(fd, _CHUNK, offset):
                 parts.append(chunk)
-                if self._stop_at is not None and self._stop_at in chunk:
+                offset += len(chunk)
+                if stop is not None and stop in chunk:
                     break
             return b"".join(parts)
         except OSError:
