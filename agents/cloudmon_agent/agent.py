@@ -315,6 +315,8 @@ class Agent:
         self._stop = threading.Event()
         #: What the sampling loop sleeps on (stop() wakes it); made by run(), closed by close().
         self._waker: _Waker | None = None
+        #: The report the sampling thread posted and whose answer it has not read yet.
+        self._inflight: bytes | None = None
         self._cond = threading.Condition()  # guards everything below that both threads touch
         self._pending: collections.deque[bytes] = collections.deque()
         #: True while a thread uses the transport (the sender, or the sampling
@@ -441,6 +443,11 @@ class Agent:
             self._cycles()
         finally:
             self._stop.set()
+            if self._inflight is not None:
+                try:
+                    self._finish_inflight()  # its answer (or the sender, which spools it)
+                except Exception:  # shutting down: the report is with the sender or answered
+                    log.exception("reading the last answer failed")
             with self._cond:
                 # The sender keeps what is left only after the last sample is handed over.
                 self._sampling_done = True
@@ -499,9 +506,15 @@ class Agent:
                 log.debug("cycle overran; skipped %d cycle(s)", skipped)
 
     def _push(self, body: bytes) -> None:
-        """Post ``body`` from this (sampling) thread when the way is clear, else queue it for the sender."""
+        """Post ``body`` from this (sampling) thread when the way is clear, else queue it for the sender.
+
+        The post's answer is read at the next cycle (:meth:`_finish_inflight`),
+        when it has long arrived, where the transport can split the exchange.
+        """
         transport = self._transport
         assert transport is not None
+        if self._inflight is not None:
+            self._finish_inflight()
         with self._cond:
             inline = (
                 not self._busy
@@ -515,6 +528,20 @@ class Agent:
         if not inline:
             self._enqueue(body)
             return
+        begin = getattr(transport, "begin", None)
+        if begin is not None:
+            try:
+                started = bool(begin(body, timeout=self._inline_timeout))
+            except TransportError:
+                started = False
+                with self._cond:
+                    self._busy = False
+                    self._pending.append(body)
+                    self._cond.notify()
+                return
+            if started:
+                self._inflight = body  # _busy stays set: the transport is ours until the answer is read
+                return
         handed_over = False
         answer: IngestResponse | None = None
         try:
@@ -534,6 +561,31 @@ class Agent:
                 if handed_over:
                     self._pending.append(body)
                     # Only then: in the steady state the sender thread stays asleep.
+                    self._cond.notify()
+        self._answered(answer)
+
+    def _finish_inflight(self) -> None:
+        """Read the answer to the report posted by the last :meth:`_push`; on failure hand it to the sender."""
+        body, self._inflight = self._inflight, None
+        transport = self._transport
+        if body is None or transport is None:
+            return
+        handed_over = False
+        answer: IngestResponse | None = None
+        try:
+            answer = transport.finish(timeout=self._inline_timeout)  # type: ignore[attr-defined]
+        except ReportRejected as exc:
+            self._report_rejected(exc)
+        except TransportError:
+            handed_over = True  # the sender sends it again (the collector keeps each report once)
+        else:
+            with self._cond:
+                self._sent += 1
+        finally:
+            with self._cond:
+                self._busy = False
+                if handed_over:
+                    self._pending.append(body)
                     self._cond.notify()
         self._answered(answer)
 

@@ -74,11 +74,18 @@ class _PlainConnection:
         self._buf = bytearray()
 
     def post(self, head: bytes, body: bytes, timeout: float) -> _Answer:
+        self.send_request(head, body, timeout)
+        return self._read_answer()
+
+    def send_request(self, head: bytes, body: bytes, timeout: float) -> None:
         sock = self._sock
         sock.settimeout(timeout)
         sock.sendall(head + body if len(body) < 65536 else head)
         if len(body) >= 65536:
             sock.sendall(body)
+
+    def read_answer(self, timeout: float) -> _Answer:
+        self._sock.settimeout(timeout)
         return self._read_answer()
 
     def _fill(self) -> bool:
@@ -354,6 +361,49 @@ class HttpTransport:
                 self.close()
             return self._answer(answer.status, answer.reason, answer.body)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def begin(self, body: bytes, timeout: float | None = None) -> bool:
+        """Send one encoded report and return without waiting for the answer (read it with :meth:`finish`).
+
+        The agent posts a report this way and reads the answer a cycle later, when
+        it is long there: its sampling thread then never sleeps on the network, which
+        saves a wake-up per cycle.  False (nothing sent) for https://, where the
+        whole exchange goes through :meth:`send`.  Raises :class:`CollectorUnreachable`.
+        """
+        if self._https:
+            return False
+        limit = self._timeout if timeout is None else timeout
+        head = self._head + b"%d\r\n\r\n" % len(body)
+        for attempt in (1, 2):
+            fresh = self._conn is None
+            try:
+                if self._conn is None:
+                    self._conn = self._connect(limit)
+                self._conn.send_request(head, body, limit)
+            except OSError as exc:
+                self.close()
+                if attempt == 1 and not fresh and isinstance(exc, _STALE):
+                    continue  # a kept-alive connection the server has closed: once more, fresh
+                raise CollectorUnreachable(self.url, _reason(exc)) from None
+            return True
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def finish(self, timeout: float | None = None) -> IngestResponse:
+        """The answer to the report sent by :meth:`begin` (raises like :meth:`send`)."""
+        limit = self._timeout if timeout is None else timeout
+        conn = self._conn
+        if conn is None:
+            raise CollectorUnreachable(self.url, "the connection was closed before the answer came")
+        try:
+            answer = conn.read_answer(limit)
+        except (OSError, _BadResponse) as exc:
+            # The report may or may not have arrived: the agent sends it again, and
+            # the collector keeps each (node, ts) once.
+            self.close()
+            raise CollectorUnreachable(self.url, _reason(exc)) from None
+        if answer.will_close:
+            self.close()
+        return self._answer(answer.status, answer.reason, answer.body)
 
     def _answer(self, status: int, reason: str, data: bytes) -> IngestResponse:
         if 200 <= status < 300:

@@ -518,25 +518,43 @@ def _decode_node_info(r: _Reader) -> list[Any]:
     return [model, memory_kib >> 10, cpus, mhz, nodes, sockets, cores, threads]
 
 
+# The fixed-layout replies are read with one struct call each (decoded once per VM per run).
+_INFO: Final = struct.Struct(">IQQIQ")
+_MEMORY_STAT: Final = struct.Struct(">iQ")  # XDR: int tag, unsigned hyper value (12 bytes)
+_BLOCK: Final = struct.Struct(">5q")
+_INTERFACE: Final = struct.Struct(">8q")
+
+
 def _decode_info(r: _Reader) -> list[int]:
-    return [r.u32(), r.u64(), r.u64(), r.u32(), r.u64()]
+    out = list(_INFO.unpack_from(r.buf, r.off))
+    r.off += _INFO.size
+    return out
 
 
 def _decode_memory(r: _Reader) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for _ in range(r.u32()):
-        tag, val = r.i32(), r.u64()
-        if 0 <= tag < len(_MEMORY_TAGS):
-            out[_MEMORY_TAGS[tag]] = val
+    n = r.u32()
+    end = r.off + n * _MEMORY_STAT.size
+    if end > len(r.buf):
+        raise libvirtError("libvirt reply truncated")
+    out = {
+        _MEMORY_TAGS[tag]: val
+        for tag, val in _MEMORY_STAT.iter_unpack(r.buf[r.off : end])
+        if 0 <= tag < len(_MEMORY_TAGS)
+    }
+    r.off = end
     return out
 
 
 def _decode_block(r: _Reader) -> tuple[int, ...]:
-    return tuple(r.i64() for _ in range(5))
+    out = _BLOCK.unpack_from(r.buf, r.off)
+    r.off += _BLOCK.size
+    return tuple(out)
 
 
 def _decode_interface(r: _Reader) -> tuple[int, ...]:
-    return tuple(r.i64() for _ in range(8))
+    out = _INTERFACE.unpack_from(r.buf, r.off)
+    r.off += _INTERFACE.size
+    return tuple(out)
 
 
 _DECODE: Final[dict[str, Callable[[_Reader], Any]]] = {

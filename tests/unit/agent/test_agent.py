@@ -572,6 +572,10 @@ class _ThreadRecordingTransport(HttpTransport):
         self.threads.append(threading.current_thread().name)
         return super().send(body, timeout)
 
+    def begin(self, body: bytes, timeout: float | None = None) -> bool:
+        self.threads.append(threading.current_thread().name)
+        return super().begin(body, timeout)
+
 
 def test_steady_state_posts_come_from_the_sampling_thread(
     tmp_path: Path, sink: Sink, agents: list[Agent]

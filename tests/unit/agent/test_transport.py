@@ -230,3 +230,37 @@ def test_https_urls_go_through_the_stdlib_client() -> None:
     finally:
         t.close()
     assert t.url == f"https://127.0.0.1:{port}"
+
+
+def test_begin_then_finish_is_one_post_and_its_answer(sink: Sink, transport: HttpTransport) -> None:
+    assert transport.begin(b'{"n": 1}') is True
+    assert transport.finish() == IngestResponse(accepted=1)
+    sink.answer = (400, b'{"error": "invalid report"}')
+    assert transport.begin(b'{"n": 2}') is True
+    with pytest.raises(ReportRejected, match="invalid report"):
+        transport.finish()
+    sink.answer = (200, b'{"accepted": 1}')
+    transport.send(b'{"n": 3}')  # the connection is still in step: the next exchange works
+    assert [r.body for r in sink.requests] == [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}']
+    assert transport.connections_opened == 1
+
+
+def test_an_answer_that_never_comes_is_unreachable_and_the_next_post_reconnects(sink: Sink) -> None:
+    t = HttpTransport(sink.url, TOKEN, timeout=5.0)
+    try:
+        sink.delay_s = 1.0
+        assert t.begin(b"{}") is True
+        with pytest.raises(CollectorUnreachable, match="timed out"):
+            t.finish(timeout=0.1)
+        sink.delay_s = 0.0
+        assert t.send(b"{}") == IngestResponse(accepted=1)
+        assert t.connections_opened == 2  # the late answer was on the dropped connection
+    finally:
+        t.close()
+
+
+def test_begin_to_a_closed_port_raises_and_https_does_not_split() -> None:
+    t = HttpTransport(f"http://127.0.0.1:{closed_port()}", TOKEN, timeout=1.0)
+    with pytest.raises(CollectorUnreachable, match="connection refused"):
+        t.begin(b"{}")
+    assert HttpTransport("https://127.0.0.1:1", TOKEN).begin(b"{}") is False
