@@ -178,6 +178,8 @@ class ProcessInfo(Struct, frozen=True):
 class ProcessTop(Struct, frozen=True):
     """The busiest processes, from a scan that runs less often than every cycle."""
 
+    __lite_cache_lists__: ClassVar[tuple[str, ...]] = ("by_cpu", "by_mem")  # see cloudmon_agent._lite.encode
+
     #: Seconds since the scan these lists come from.
     age_s: NonNeg
     #: Processes seen by that scan.
@@ -437,6 +439,12 @@ class CommandResult(Struct, frozen=True):
 
 class Report(Struct, frozen=True):
     """One sample of one node: what an agent pushes once per interval."""
+
+    __lite_cache_lists__: ClassVar[tuple[str, ...]] = (
+        "vms",
+        "containers",
+        "gpus",
+    )  # see cloudmon_agent._lite.encode
 
     v: int
     node_id: NodeId

@@ -269,8 +269,17 @@ class _Reader:
         return out
 
 
+_refs: dict[tuple[str, bytes, int], bytes] = {}
+
+
 def _domain_ref(dom: tuple[str, bytes, int]) -> bytes:
-    return _string(dom[0]) + dom[1] + _I32.pack(dom[2])
+    """A domain as a call's argument (kept: the same 10 domains are asked about every run)."""
+    ref = _refs.get(dom)
+    if ref is None:
+        if len(_refs) > 4096:
+            _refs.clear()
+        ref = _refs[dom] = _string(dom[0]) + dom[1] + _I32.pack(dom[2])
+    return ref
 
 
 # -- connection --------------------------------------------------------------------
@@ -346,11 +355,18 @@ class virConnect:
                 )
             )
             waiting = len(calls)
+            buf = self._buf
+            pos = 0  # replies are parsed in place; what was read is dropped once at the end
             while waiting:
-                length, prog, _vers, rproc, mtype, rserial, status = _HEAD.unpack(self._recv(28))
+                while len(buf) - pos < 28:
+                    self._fill()
+                length, prog, _vers, rproc, mtype, rserial, status = _HEAD.unpack_from(buf, pos)
                 if not 28 <= length <= _MESSAGE_MAX:
                     _fail(f"libvirt sent a message of {length} bytes")
-                body = self._recv(length - 28)
+                while len(buf) - pos < length:
+                    self._fill()
+                body = bytes(buf[pos + 28 : pos + length])
+                pos += length
                 i = rserial - first
                 if prog != _PROGRAM or mtype != _REPLY or not 0 <= i < len(calls) or out[i] is not None:
                     continue  # not an answer of ours (an event, a keepalive of another program): skip it
@@ -366,6 +382,7 @@ class virConnect:
                 else:
                     _fail(f"libvirt reply with status {status}")
                 waiting -= 1
+            del buf[:pos]
         except OSError as exc:
             self._abort()
             raise libvirtError(f"libvirt connection to {self.path} failed: {exc or 'timed out'}") from None
@@ -377,26 +394,17 @@ class virConnect:
             raise
         return [o if o is not None else libvirtError("no reply") for o in out]
 
-    def _recv(self, n: int) -> bytes:
-        """Exactly ``n`` bytes: from what the last ``recv`` brought beyond its message, then the socket.
-
-        One ``recv`` of up to 256 KiB usually brings a whole reply (header and body): one system
-        call per RPC instead of one per part.
-        """
+    def _fill(self) -> None:
+        """Append what the socket has (up to 256 KiB: usually several whole replies) to the buffer."""
         assert self._sock is not None
-        buf = self._buf
-        while len(buf) < n:
-            left = self._deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no complete answer within {self.timeout:g} s")
-            self._sock.settimeout(left)
-            b = self._sock.recv(max(n - len(buf), 1 << 18))
-            if not b:
-                raise libvirtError(f"libvirt at {self.path} closed the connection")
-            buf += b
-        out = bytes(buf[:n]) if len(buf) > n else bytes(buf)
-        del buf[:n]
-        return out
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no complete answer within {self.timeout:g} s")
+        self._sock.settimeout(left)
+        b = self._sock.recv(1 << 18)
+        if not b:
+            raise libvirtError(f"libvirt at {self.path} closed the connection")
+        self._buf += b
 
     # the API the collector uses
     def getAllDomainStats(self, stats: int = 0, flags: int = 0) -> list[tuple[virDomain, dict[str, Any]]]:

@@ -410,3 +410,21 @@ def test_a_full_report_encoded_twice_by_lite_is_the_same_bytes_as_msgspec() -> N
     assert proc.returncode == 0, proc.stderr
     (_, once), (_, again) = json.loads(proc.stdout)
     assert once == again == encode(msgspec.convert(doc, Report)).decode()
+
+
+class Holder(_lite.Struct, frozen=True):
+    __lite_cache_lists__: ClassVar[tuple[str, ...]] = ("items", "more")
+    first: CachedKey
+    items: list[CachedKey] = []
+    middle: Part | None = None
+    more: list[Part] = []
+
+
+def test_cached_lists_and_structs_in_any_order_land_in_their_places() -> None:
+    items, more = [CachedKey(1), CachedKey(2)], [Part("p", 1.0, [Key(3)])]
+    for first in (CachedKey(0), CachedKey(9)):  # a new first object, the same lists
+        h = Holder(first, items, Part("m", 2.0), more)
+        for _ in range(2):
+            assert json.loads(_lite.encode(h)) == _lite.to_builtins(h)
+    empty = Holder(CachedKey(5))
+    assert json.loads(_lite.encode(empty)) == {"first": {"a": 5}, "items": [], "middle": None, "more": []}
