@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import typing
 from collections.abc import Callable
 from typing import Any, Final
@@ -305,8 +306,65 @@ _MARK_END: Final = json.dumps("\x00")[1:]  # '\u0000"'
 _fragments: dict[int, tuple[Any, str]] = {}
 
 
-def _json_encoder(default: Callable[[Any], Any]) -> json.JSONEncoder:
-    return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, check_circular=False, default=default)
+class _EncodeState:
+    """What the encode in progress (one at a time: :data:`_encode_lock`) shares with :func:`_default`."""
+
+    def __init__(self) -> None:
+        self.levels: list[list[str]] = []  # fragments of each nesting level
+        self.seen: dict[int, tuple[Any, str]] = {}
+        self.cached: Callable[[int], tuple[Any, str] | None] = _fragments.get
+
+
+_state: Final = _EncodeState()
+_encode_lock: Final = threading.Lock()
+
+
+def _default(o: Any) -> Any:
+    hook = getattr(o, "_lite_dict", None)
+    if hook is None:
+        if isinstance(o, (set, frozenset)):
+            return list(o)
+        raise TypeError(f"Encoding objects of type {type(o).__name__} is unsupported")
+    st = _state
+    if not getattr(o, "__lite_cache__", False):
+        d = hook()
+        for name in getattr(o, "__lite_cache_lists__", ()):
+            v = d.get(name)
+            if v:  # a list handed back unchanged (the same object) is spliced in whole
+                d[name] = _fragment(st, v, v)
+        return d
+    return _fragment(st, o, None)
+
+
+def _fragment(st: _EncodeState, key: Any, value: Any) -> str:
+    """The marker of ``key``'s JSON (``value``'s, or its struct's): from the last encode, or made now."""
+    hit = st.cached(id(key))
+    if hit is not None and hit[0] is key:
+        frag = hit[1]
+    else:
+        frag = _encode_level(key._lite_dict() if value is None else value)
+    st.seen[id(key)] = (key, frag)
+    frags = st.levels[-1]
+    frags.append(frag)
+    return f"{_MARK}{len(frags) - 1}\x00"
+
+
+try:  # the json module's C encoder, made once (JSONEncoder.encode builds one per call)
+    from json.encoder import c_make_encoder as _c_make_encoder  # type: ignore[attr-defined]
+    from json.encoder import encode_basestring as _encode_basestring
+except ImportError:  # pragma: no cover - CPython always has it
+    _c_make_encoder = None
+if _c_make_encoder is not None:
+    _iterencode: Callable[[Any, int], Any] = _c_make_encoder(
+        None, _default, _encode_basestring, None, ":", ",", False, False, True
+    )
+else:  # pragma: no cover
+    _py_encoder = json.JSONEncoder(
+        separators=(",", ":"), ensure_ascii=False, check_circular=False, default=_default
+    )
+
+    def _iterencode(obj: Any, _level: int) -> Any:
+        return _py_encoder.iterencode(obj)
 
 
 def encode(obj: Any) -> bytes:
@@ -321,45 +379,29 @@ def encode(obj: Any) -> bytes:
     the default budget.  Structs are frozen, so an object's JSON cannot change.
     """
     global _fragments
-    seen: dict[int, tuple[Any, str]] = {}
-    text = _encode_text(obj, _fragments.get, seen)
-    if seen:
-        _fragments = seen
+    with _encode_lock:
+        st = _state
+        st.seen = {}
+        st.cached = _fragments.get
+        try:
+            text = _encode_level(obj)
+        finally:
+            st.levels.clear()
+        if st.seen:
+            _fragments = st.seen
     return text.encode()
 
 
-def _encode_text(
-    obj: Any, cached: Callable[[int], tuple[Any, str] | None], seen: dict[int, tuple[Any, str]]
-) -> str:
-    frags: list[str] = []
-
-    def default(o: Any) -> Any:
-        hook = getattr(o, "_lite_dict", None)
-        if hook is None:
-            if isinstance(o, (set, frozenset)):
-                return list(o)
-            raise TypeError(f"Encoding objects of type {type(o).__name__} is unsupported")
-        if not getattr(o, "__lite_cache__", False):
-            d = hook()
-            for name in getattr(o, "__lite_cache_lists__", ()):
-                v = d.get(name)
-                if v:  # a list handed back unchanged (the same object) is spliced in whole
-                    hit = cached(id(v))
-                    frag = hit[1] if hit is not None and hit[0] is v else _encode_text(v, cached, seen)
-                    seen[id(v)] = (v, frag)
-                    frags.append(frag)
-                    d[name] = f"{_MARK}{len(frags) - 1}\x00"
-            return d
-        hit = cached(id(o))
-        frag = hit[1] if hit is not None and hit[0] is o else _encode_text(hook(), cached, seen)
-        seen[id(o)] = (o, frag)
-        frags.append(frag)
-        return f"{_MARK}{len(frags) - 1}\x00"
-
-    text = _json_encoder(default).encode(obj)
+def _encode_level(obj: Any) -> str:
+    levels = _state.levels
+    levels.append([])
+    try:
+        text = "".join(_iterencode(obj, 0))
+    finally:
+        frags = levels.pop()
     if not frags:
         return text
-    # Markers are numbered: the encoder meets them in document order, default() may not.
+    # Markers are numbered: the encoder meets them in document order, _default may not.
     parts = text.split(_MARK_JSON)
     out = [parts[0]]
     for part in parts[1:]:
