@@ -264,3 +264,16 @@ def test_begin_to_a_closed_port_raises_and_https_does_not_split() -> None:
     with pytest.raises(CollectorUnreachable, match="connection refused"):
         t.begin(b"{}")
     assert HttpTransport("https://127.0.0.1:1", TOKEN).begin(b"{}") is False
+
+
+def test_repeated_answers_decode_the_same_and_commands_always_come_through(
+    sink: Sink, transport: HttpTransport
+) -> None:
+    assert transport.send(b"{}") == transport.send(b"{}") == IngestResponse(accepted=1)
+    cmd = b'{"accepted":1,"commands":[{"id":"c1","action":"vm.state","deadline":1.0,"timeout_s":5,"params":{"vm":"a"}}]}'
+    sink.answer = (200, cmd)
+    for _ in range(2):
+        answer = transport.send(b"{}")
+        assert [c.id for c in answer.commands] == ["c1"]
+    sink.answer = (200, b'{"accepted":1}')
+    assert transport.send(b"{}").commands == []
