@@ -560,6 +560,7 @@ class Agent:
                 self._busy = False
                 if handed_over:
                     self._pending.append(body)
+                if self._pending:
                     # Only then: in the steady state the sender thread stays asleep.
                     self._cond.notify()
         self._answered(answer)
@@ -586,6 +587,7 @@ class Agent:
                 self._busy = False
                 if handed_over:
                     self._pending.append(body)
+                if self._pending:  # handed over now, or queued while the transport was ours
                     self._cond.notify()
         self._answered(answer)
 
@@ -656,9 +658,11 @@ class Agent:
                 with self._cond:
                     while not self._stop.is_set() and (self._busy or not self._pending):
                         if self._busy:
-                            # The sampling thread is posting a report itself; it notifies
-                            # only when it hands one over (timed: never hang on a missed one).
-                            self._cond.wait(1.0)
+                            # The sampling thread is posting a report itself (or waits for its
+                            # answer until the next cycle); it notifies whenever it frees the
+                            # transport with reports queued.  Timed only as a safety net: a
+                            # 1 s timer here would wake this thread every cycle.
+                            self._cond.wait(30.0)
                         elif spool.pending:
                             wait = retry_at - time.monotonic()
                             if wait <= 0:

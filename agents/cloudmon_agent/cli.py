@@ -165,6 +165,11 @@ def _choose_wire() -> str | None:
     choice = os.environ.get("CLOUDMON_AGENT_WIRE", "") or "lite"
     if choice not in ("lite", "msgspec"):
         return f"CLOUDMON_AGENT_WIRE must be lite or msgspec, got {choice!r}"
+    if choice == "msgspec":
+        import importlib.util
+
+        if importlib.util.find_spec("msgspec") is None:
+            return "CLOUDMON_AGENT_WIRE=msgspec needs msgspec: pip install 'cloudmon-agent[msgspec]'"
     if "cloudmon_agent.wire" not in sys.modules:
         cloudmon_agent.WIRE = choice
     return None

@@ -106,7 +106,7 @@ class AddNodeDialog(QDialog):
         )
         intro.setWordWrap(True)
         step1 = QLabel(
-            "1.  Install the agent on the node, from a cloudmon checkout (psutil + msgspec only):", self
+            "1.  Install the agent on the node, from a cloudmon checkout (it needs only psutil):", self
         )
         self.install_field = CopyField(AGENT_INSTALL, self)
         step2 = QLabel("2.  Start it, pointing at this collector:", self)

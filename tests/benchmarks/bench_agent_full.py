@@ -87,7 +87,10 @@ sys.exit(main(args))
 
 
 def deployed_python(where: Path) -> tuple[str, str]:
-    """A venv like the agent package's: system python3 (same minor version) + psutil + msgspec + the agent.
+    """A venv like the agent package's: system python3 (same minor version) + psutil + the agent.
+
+    msgspec is copied in too, as on a node that has it: the agent command does
+    not load it (:mod:`cloudmon_agent.wire`).
 
     Returns (interpreter, description).  Falls back to this interpreter when a venv cannot be made.
     """

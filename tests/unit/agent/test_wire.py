@@ -231,13 +231,14 @@ def test_lite_error_texts_name_the_field_like_msgspec() -> None:
         assert text == run_msgspec(name, value)[1]
 
 
-def test_a_real_lite_agent_report_is_valid_for_the_collector(tmp_path: Path) -> None:
-    """``cloudmon-agent --once`` (lite in its own process) prints what decode_report (msgspec) accepts."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "agents"))
-    env.pop("CLOUDMON_AGENT_WIRE", None)
+@pytest.mark.parametrize("wire", ["", "msgspec"])
+def test_a_real_agent_report_is_valid_for_the_collector(tmp_path: Path, wire: str) -> None:
+    """``cloudmon-agent --once`` prints what decode_report (msgspec) accepts: lite (the default) or msgspec."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "agents"), CLOUDMON_AGENT_WIRE=wire)
     probe = (
         "import sys; from cloudmon_agent.cli import main; rc = main(sys.argv[1:]); "
-        "assert 'msgspec' not in sys.modules, 'msgspec loaded'; sys.exit(rc)"
+        f"assert ('msgspec' in sys.modules) == {bool(wire)}, 'msgspec loaded: ' + str('msgspec' in sys.modules); "
+        "sys.exit(rc)"
     )
     proc = subprocess.run(
         [sys.executable, "-c", probe, "--once", "--interval", "0.2", "--state-dir", str(tmp_path),
