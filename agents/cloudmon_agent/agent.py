@@ -7,11 +7,14 @@ Two threads, so a slow or black-holed collector can never stall sampling:
   it skips the missed cycles instead of bursting), samples every collector
   and encodes the report.  In the steady state (the collector answered the
   last post, nothing is queued or spooled, the sender is idle) it posts the
-  report itself, with a short timeout (:data:`INLINE_TIMEOUT_FRACTION` of the
-  interval, at least :data:`INLINE_TIMEOUT_MIN`, at most ``config.timeout``): no thread hand-off, no wake-up of a
-  second thread, a third of the CPU of a cycle.  Otherwise, or if that post
-  fails in any way but a refusal of the report, the report is queued for the
-  sender, which owns every retry, the spool and every change of link state;
+  report itself and reads the answer at the next cycle, when it has long
+  arrived (over https, where the exchange cannot be split, it waits for it),
+  with a short timeout (:data:`INLINE_TIMEOUT_FRACTION` of the interval, at
+  least :data:`INLINE_TIMEOUT_MIN`, at most ``config.timeout``): no thread
+  hand-off, no wake-up of a second thread, no sleep on the network.  Otherwise,
+  or if that post fails in any way but a refusal of the report, the report is
+  queued for the sender, which owns every retry, the spool and every change of
+  link state;
 - the *sender* thread posts queued reports in order.  While the collector is
   up nothing touches the disk.  When a post fails (unreachable, 5xx such as a
   full collector's 503, or a rejected token) that report and every later one
@@ -574,7 +577,8 @@ class Agent:
         handed_over = False
         answer: IngestResponse | None = None
         try:
-            answer = transport.finish(timeout=self._inline_timeout)  # type: ignore[attr-defined]
+            finish = getattr(transport, "finish")  # noqa: B009 - only transports with begin() get here
+            answer = finish(timeout=self._inline_timeout)
         except ReportRejected as exc:
             self._report_rejected(exc)
         except TransportError:

@@ -23,6 +23,7 @@ import time
 import msgspec
 
 from cloudmon_agent.collectors.gpus import GpuCollector, open_nvml
+from cloudmon_agent.schema import decode_report
 
 #: A child process that keeps the GPU busy with matrix products; prints "ready" once it runs.
 GPU_LOAD = """
@@ -90,6 +91,9 @@ def main() -> int:
                 print("cloudmon-agent --once failed:", rep.stderr[-2000:])
             else:
                 doc = json.loads(rep.stdout)
+                # The agent command encodes with its own (lite) wire; the collector's msgspec checks it.
+                checked = decode_report(rep.stdout)
+                print(f"the collector's schema accepts the report: {len(checked.gpus)} GPU(s)")
                 print("cloudmon-agent --once gpus:", json.dumps(doc.get("gpus"), indent=1))
                 print("agent section:", json.dumps(doc.get("agent")))
         finally:
