@@ -406,3 +406,31 @@ def test_mount_points_with_escaped_characters(fake: FakeHost, tmp_path: Path) ->
     finally:
         c.close()
     assert str(spaced) in mounts
+
+
+def test_counters_of_the_known_devices_are_found_by_name_not_by_look_alikes(tmp_path: Path) -> None:
+    """Only the known disks' and NICs' lines are parsed: long names start their line, veth0 is not eth0."""
+    fake = FakeHost(tmp_path)
+    net = fake.sys / "class" / "net"
+    target = fake.sys / "devices" / "pci0000:00" / "0000:00:1f.6" / "net" / "enp0s31f6"
+    target.mkdir(parents=True)
+    (net / "enp0s31f6").symlink_to(target)
+    vtarget = fake.sys / "devices" / "virtual" / "net" / "veth0"
+    vtarget.mkdir(parents=True)
+    (net / "veth0").symlink_to(vtarget)
+    src = ProcSource(str(fake.proc), str(fake.sys))
+    try:
+        fake.set(
+            cpu=((0, 0), (0, 0)),
+            disks={"vda": (1, 2, 3, 4), "vda1": (9, 9, 9, 9), "loop0": (7, 7, 7, 7)},
+            nics={"veth0": (5, 5, 5, 5), "eth0": (10, 20, 30, 40), "enp0s31f6": (1, 2, 3, 4)},
+        )
+        assert (fake.proc / "net" / "dev").read_text().count("\nenp0s31f6:") == 1  # starts its line
+        disks, nics = src.disk_counters(), src.net_counters()
+    finally:
+        src.close()
+    assert set(disks) == {"vda"}
+    assert disks["vda"][2:] == (1, 3)  # reads, writes of vda itself, not of vda1
+    assert set(nics) == {"eth0", "enp0s31f6"}
+    assert nics["eth0"][0] == 10  # eth0's own line, not veth0's
+    assert nics["enp0s31f6"][0] == 1
