@@ -293,6 +293,7 @@ def main() -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDMON_")}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     scrapes = 0
+    window_from: dict[str, int] = {}
     stop_scraper = threading.Event()
     scraper: threading.Thread | None = None
     lab: Any = None
@@ -361,6 +362,8 @@ def main() -> int:
                 watched["libvirtd (serving the full agent)"] = daemon_pid
             time.sleep(args.warmup)  # startup and the budget's settling are not steady-state cost
             start_cpu = {name: cpu_ns(pid) for name, pid in watched.items()}
+            with sink.lock:  # the agents' own figures over the same window
+                window_from = {node: len(v) for node, v in sink.self_cpu.items()}
             start_tids = {name: tids(pid) for name, pid in watched.items()}
             rss: dict[str, list[int]] = {name: [] for name in watched}
             uss: dict[str, list[int]] = {name: [] for name in watched}
@@ -421,9 +424,10 @@ def main() -> int:
         print(note)
     with sink.lock:
         for node, r in sorted(sink.last.items()):
-            cpu = sink.self_cpu[node][2:] or [0.0]
+            cpu = sink.self_cpu[node][window_from.get(node, 2) :] or [0.0]
             line = (
-                f"\n{node}: {sink.count[node]} reports; self-reported cpu_ms mean {statistics.fmean(cpu):.2f}, "
+                f"\n{node}: {sink.count[node]} reports; self-reported cpu_ms over the window: "
+                f"mean {statistics.fmean(cpu):.2f}, "
                 f"max {max(cpu):.2f}; last report: {len(r.vms)} VMs, {len(r.containers)} containers, "
                 f"{len(r.gpus)} GPUs, processes "
                 f"{'-' if r.processes is None else f'{r.processes.count} (age {r.processes.age_s:.1f} s)'}"
