@@ -35,24 +35,6 @@ import typing
 from collections.abc import Callable
 from typing import Any, Final
 
-__all__ = [
-    "UNSET",
-    "DecodeError",
-    "Meta",
-    "MsgspecError",
-    "Struct",
-    "UnsetType",
-    "ValidationError",
-    "asdict",
-    "convert",
-    "decode",
-    "encode",
-    "field",
-    "force_setattr",
-    "replace",
-    "to_builtins",
-]
-
 
 class MsgspecError(Exception):
     """Base of the errors below (msgspec's name)."""

@@ -63,7 +63,7 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from cloudmon_agent import __version__
@@ -535,8 +535,7 @@ class Agent:
         if begin is not None:
             try:
                 started = bool(begin(body, timeout=self._inline_timeout))
-            except TransportError:
-                started = False
+            except TransportError:  # not sent: the sender takes it (and the link state) over
                 with self._cond:
                     self._busy = False
                     self._pending.append(body)
@@ -545,15 +544,32 @@ class Agent:
             if started:
                 self._inflight = body  # _busy stays set: the transport is ours until the answer is read
                 return
+        self._take_answer(body, lambda: transport.send(body, timeout=self._inline_timeout))
+
+    def _finish_inflight(self) -> None:
+        """Read the answer to the report posted by the last :meth:`_push`; on failure hand it to the sender."""
+        body, self._inflight = self._inflight, None
+        transport = self._transport
+        if body is None or transport is None:
+            return
+        finish = getattr(transport, "finish")  # noqa: B009 - only transports with begin() get here
+        self._take_answer(body, lambda: finish(timeout=self._inline_timeout))
+
+    def _take_answer(self, body: bytes, answer_of: Callable[[], IngestResponse]) -> None:
+        """The sampling thread's own post of ``body``: count it, drop it if refused, else hand it over.
+
+        On any failure but a refusal of the report (away, slow, refusing the token) the
+        sender tries again with its full timeout and, failing that, spools the report and
+        says so once; the collector keeps each report once, so a resend is harmless.
+        The transport is free again afterwards.
+        """
         handed_over = False
         answer: IngestResponse | None = None
         try:
-            answer = transport.send(body, timeout=self._inline_timeout)
+            answer = answer_of()
         except ReportRejected as exc:
             self._report_rejected(exc)
         except TransportError:
-            # Away, slow or refusing the token: the sender tries again with its full
-            # timeout and, failing that, spools the report and says so once.
             handed_over = True
         else:
             with self._cond:
@@ -563,35 +579,8 @@ class Agent:
                 self._busy = False
                 if handed_over:
                     self._pending.append(body)
-                if self._pending:
-                    # Only then: in the steady state the sender thread stays asleep.
-                    self._cond.notify()
-        self._answered(answer)
-
-    def _finish_inflight(self) -> None:
-        """Read the answer to the report posted by the last :meth:`_push`; on failure hand it to the sender."""
-        body, self._inflight = self._inflight, None
-        transport = self._transport
-        if body is None or transport is None:
-            return
-        handed_over = False
-        answer: IngestResponse | None = None
-        try:
-            finish = getattr(transport, "finish")  # noqa: B009 - only transports with begin() get here
-            answer = finish(timeout=self._inline_timeout)
-        except ReportRejected as exc:
-            self._report_rejected(exc)
-        except TransportError:
-            handed_over = True  # the sender sends it again (the collector keeps each report once)
-        else:
-            with self._cond:
-                self._sent += 1
-        finally:
-            with self._cond:
-                self._busy = False
-                if handed_over:
-                    self._pending.append(body)
                 if self._pending:  # handed over now, or queued while the transport was ours
+                    # Only then: in the steady state the sender thread stays asleep.
                     self._cond.notify()
         self._answered(answer)
 

@@ -22,13 +22,50 @@ needs msgspec-only features (JSON Schema, msgpack) imports msgspec itself.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import cloudmon_agent
 
 T = TypeVar("T")
 
-if TYPE_CHECKING:
+
+def _pick() -> str:
+    if cloudmon_agent.WIRE in ("lite", "msgspec"):
+        return cloudmon_agent.WIRE
+    try:
+        import msgspec  # noqa: F401
+    except ImportError:
+        return "lite"
+    return "msgspec"
+
+
+#: "msgspec" or "lite": what this process bound.
+BACKEND: Final = _pick()
+
+if not TYPE_CHECKING and BACKEND == "lite":  # type checking sees msgspec's stubs only
+    from cloudmon_agent._lite import (
+        UNSET,
+        DecodeError,
+        Meta,
+        MsgspecError,
+        Struct,
+        UnsetType,
+        ValidationError,
+        asdict,
+        convert,
+        decode,
+        encode,
+        field,
+        force_setattr,
+        replace,
+        to_builtins,
+    )
+
+    def decoder(type):
+        return lambda data: decode(data, type=type)
+
+else:
+    import msgspec
     from msgspec import (
         UNSET,
         DecodeError,
@@ -39,80 +76,21 @@ if TYPE_CHECKING:
         ValidationError,
         convert,
         field,
+        to_builtins,
     )
-    from msgspec import to_builtins as to_builtins
     from msgspec.structs import asdict, force_setattr, replace
 
-    BACKEND: str
+    encode: Callable[[Any], bytes] = msgspec.json.Encoder().encode
+    decode = msgspec.json.decode
 
-    def encode(obj: Any) -> bytes: ...
+    def decoder(type: type[T]) -> Callable[[bytes | bytearray | memoryview | str], T]:
+        """A decode-and-validate function for one type (built once: msgspec compiles it)."""
+        return msgspec.json.Decoder(type).decode
 
-    def decode(data: bytes | bytearray | memoryview | str, *, type: type[T]) -> T: ...
 
-    def decode_any(data: bytes | bytearray | memoryview | str) -> Any: ...
-
-    def decoder(type: type[T]) -> Callable[[bytes | bytearray | memoryview | str], T]: ...
-
-else:
-
-    def _pick() -> str:
-        if cloudmon_agent.WIRE in ("lite", "msgspec"):
-            return cloudmon_agent.WIRE
-        try:
-            import msgspec  # noqa: F401
-        except ImportError:
-            return "lite"
-        return "msgspec"
-
-    BACKEND = _pick()
-
-    if BACKEND == "lite":
-        from cloudmon_agent._lite import (
-            UNSET,
-            DecodeError,
-            Meta,
-            MsgspecError,
-            Struct,
-            UnsetType,
-            ValidationError,
-            asdict,
-            convert,
-            decode,
-            encode,
-            field,
-            force_setattr,
-            replace,
-            to_builtins,
-        )
-
-        def decode_any(data):
-            return decode(data)
-
-        def decoder(type):
-            return lambda data: decode(data, type=type)
-
-    else:
-        import msgspec
-        from msgspec import (
-            UNSET,
-            DecodeError,
-            Meta,
-            MsgspecError,
-            Struct,
-            UnsetType,
-            ValidationError,
-            convert,
-            field,
-            to_builtins,
-        )
-        from msgspec.structs import asdict, force_setattr, replace
-
-        encode = msgspec.json.Encoder().encode
-        decode = msgspec.json.decode
-        decode_any = msgspec.json.decode
-
-        def decoder(type):
-            return msgspec.json.Decoder(type).decode
+def decode_any(data: bytes | bytearray | memoryview | str) -> Any:
+    """JSON into builtins, unchecked."""
+    return decode(data)
 
 
 __all__ = [
